@@ -1,0 +1,80 @@
+// Shared by the C++ CPU kernels (cpu/*.cpp) and the CUDA kernels (cuda/*.cu): plain C++ that
+// both compilers accept, so the CPU tests exercise the very math the GPU runs.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define HOST_DEVICE_INLINE __host__ __device__ __forceinline__
+#else
+#define HOST_DEVICE_INLINE inline
+#endif
+
+namespace tcloss {
+
+template <typename T>
+HOST_DEVICE_INLINE bool is_finite(T v) {
+  // isfinite without relying on a fast-math-unsafe builtin: NaN != NaN, inf - inf = NaN.
+  return (v - v) == (v - v);
+}
+
+// Bilinear taps of one sample point: four corners (nw, ne, sw, se), their weights, whether each
+// lies inside the image, and d(weight)/d(px), d(weight)/d(py) (already multiplied by the
+// border-clamp gradient, as PyTorch's GridSampler does: clamped coordinates get no gradient).
+template <typename acc_t>
+struct BilinearTaps {
+  int64_t off[4];  // y*W + x of each corner (only meaningful where valid)
+  bool valid[4];
+  acc_t w[4];
+  acc_t dwdx[4];
+  acc_t dwdy[4];
+  bool finite;  // false when the sample coordinate is NaN/inf: nothing is read
+};
+
+// px, py: sample coordinates in pixels (x + flow_x, y + flow_y). zeros_pad=false is
+// grid_sample(align_corners=True, padding_mode="border"); true is padding_mode="zeros".
+template <typename acc_t>
+HOST_DEVICE_INLINE void bilinear_taps(acc_t px, acc_t py, int64_t H, int64_t W, bool zeros_pad,
+                                      BilinearTaps<acc_t>& t) {
+  t.finite = is_finite(px) && is_finite(py);
+  for (int k = 0; k < 4; ++k) {
+    t.valid[k] = false;
+    t.w[k] = acc_t(0);
+    t.dwdx[k] = acc_t(0);
+    t.dwdy[k] = acc_t(0);
+    t.off[k] = 0;
+  }
+  if (!t.finite) return;
+  acc_t gx = acc_t(1), gy = acc_t(1);
+  const acc_t xmax = acc_t(W - 1), ymax = acc_t(H - 1);
+  if (!zeros_pad) {
+    // Border: clamp the coordinate; on or beyond the border the gradient is zero.
+    if (px <= acc_t(0)) { px = acc_t(0); gx = acc_t(0); }
+    else if (px >= xmax) { px = xmax; gx = acc_t(0); }
+    if (py <= acc_t(0)) { py = acc_t(0); gy = acc_t(0); }
+    else if (py >= ymax) { py = ymax; gy = acc_t(0); }
+  } else {
+    // Far outside: every corner is outside, nothing to read (also keeps floor() in int range).
+    if (!(px >= acc_t(-1) && px <= acc_t(W) && py >= acc_t(-1) && py <= acc_t(H))) return;
+  }
+  const acc_t fx = floor(px), fy = floor(py);
+  const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy);
+  const acc_t tx = px - fx, ty = py - fy;
+  const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
+  const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
+  const acc_t w[4] = {(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty};
+  const acc_t dx[4] = {-(1 - ty), (1 - ty), -ty, ty};
+  const acc_t dy[4] = {-(1 - tx), -tx, (1 - tx), tx};
+  for (int k = 0; k < 4; ++k) {
+    const bool v = xs[k] >= 0 && xs[k] < W && ys[k] >= 0 && ys[k] < H;
+    t.valid[k] = v;
+    if (v) {
+      t.off[k] = ys[k] * W + xs[k];
+      t.w[k] = w[k];
+      t.dwdx[k] = dx[k] * gx;
+      t.dwdy[k] = dy[k] * gy;
+    }
+  }
+}
+
+}  // namespace tcloss

@@ -1,0 +1,156 @@
+// Per-pixel math of the fused temporal loss (eq. 1 of Liu et al., ECCV 2020), shared by the
+// CPU kernel (cpu/temporal_loss.cpp) and the CUDA kernel (cuda/temporal_loss.cu).
+//
+// For pixel i = (b, y, x) with flow (u, v):
+//   q_t  = softmax_C(pred_t[:, i])            (on="prob"; q = pred for on="logit")
+//   w    = sum_k a_k q_tk[:, corner_k]        bilinear warp of q_tk at (x + u, y + v)
+//   d    = img_t[:, i] - warp(img_tk)         (mask is a constant: no gradient through it)
+//   r    = |sum_c d_c| | sum_c |d_c| | sqrt(sum_c d_c^2)     (signed_sum | l1 | l2)
+//   l_i  = exp(-p r) * sum_c (q_t[c] - w[c])^2              (V^p with V = exp(-r))
+// Gradients (g = dL/dl_i, dq = 2 g V^p (q_t - w)):
+//   dpred_t  = J_t dq               J = softmax Jacobian, J z = q * (z - <q, z>)
+//   dpred_tk[:, corner_k] += a_k J_k (-dq)     the Jacobian at the *source* pixel is fixed,
+//                                              so each contribution is scattered already
+//                                              softmax-backpropagated: one pass, no buffer
+//   dflow_x  = sum_c (-dq[c]) sum_k (d a_k / d px) q_tk[c, corner_k]   (reduced in registers)
+#pragma once
+#include "common.h"
+
+namespace tcloss {
+
+enum MaskMode : int { kSignedSum = 0, kL1 = 1, kL2 = 2 };
+
+struct TLParams {
+  int64_t B, C, Ci, H, W;
+  bool on_prob;
+  int mask_mode;
+  double mask_power;
+  bool zeros_pad;
+  bool g_pt, g_ptk, g_flow;  // which gradients to produce
+};
+
+// log-sum-exp over channels of one pixel (channel stride HW). Used by a pre-pass that stores
+// one float per pixel, so the main pass gets softmax values of any corner in one read.
+template <typename scalar_t, typename acc_t>
+HOST_DEVICE_INLINE acc_t channel_lse(const scalar_t* p, int64_t C, int64_t HW) {
+  acc_t m = static_cast<acc_t>(p[0]);
+  for (int64_t c = 1; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(p[c * HW]);
+    m = v > m ? v : m;
+  }
+  if (!is_finite(m)) return m;  // NaN/inf propagate like the reference softmax
+  acc_t s = acc_t(0);
+  for (int64_t c = 0; c < C; ++c) s += exp(static_cast<acc_t>(p[c * HW]) - m);
+  return m + log(s);
+}
+
+template <typename scalar_t, typename acc_t>
+HOST_DEVICE_INLINE acc_t prob_of(const scalar_t* p, int64_t idx, acc_t lse, bool on_prob) {
+  const acc_t v = static_cast<acc_t>(p[idx]);
+  return on_prob ? exp(v - lse) : v;
+}
+
+// Occlusion weight V^p of pixel `pix` (offset y*W + x inside a plane) of batch b.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t mask_weight(const TLParams& P, const acc_t* it_b, const acc_t* itk_b,
+                                     int64_t pix, const BilinearTaps<acc_t>& t) {
+  const int64_t HW = P.H * P.W;
+  acc_t s = acc_t(0);
+  for (int64_t c = 0; c < P.Ci; ++c) {
+    acc_t warped = acc_t(0);
+    for (int k = 0; k < 4; ++k)
+      if (t.valid[k]) warped += t.w[k] * itk_b[c * HW + t.off[k]];
+    const acc_t d = it_b[c * HW + pix] - warped;
+    if (P.mask_mode == kSignedSum) s += d;
+    else if (P.mask_mode == kL1) s += fabs(d);
+    else s += d * d;
+  }
+  const acc_t r = P.mask_mode == kSignedSum ? fabs(s) : (P.mask_mode == kL1 ? s : sqrt(s));
+  return exp(-static_cast<acc_t>(P.mask_power) * r);
+}
+
+// Adds `v` to `*p`: plain add (single writer) or atomic (CUDA atomicAdd / CPU CAS), chosen by
+// the caller through the Add functor.
+// Returns l_i. `gscale` = dL/dl_i (0 = no gradients for this pixel).
+template <typename scalar_t, typename acc_t, typename Add>
+HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
+    const TLParams& P, int64_t b, int64_t y, int64_t x,
+    const scalar_t* __restrict__ pt, const scalar_t* __restrict__ ptk,
+    const acc_t* __restrict__ flow, const acc_t* __restrict__ it, const acc_t* __restrict__ itk,
+    const acc_t* __restrict__ lse_t, const acc_t* __restrict__ lse_tk, acc_t gscale,
+    scalar_t* __restrict__ g_pt, acc_t* __restrict__ g_ptk, acc_t* __restrict__ g_flow, Add add) {
+  const int64_t HW = P.H * P.W, C = P.C;
+  const int64_t pix = y * P.W + x;
+  const int64_t pix_b = b * HW + pix;
+  const acc_t u = flow[(b * 2) * HW + pix], v = flow[(b * 2 + 1) * HW + pix];
+  BilinearTaps<acc_t> t;
+  bilinear_taps<acc_t>(acc_t(x) + u, acc_t(y) + v, P.H, P.W, P.zeros_pad, t);
+  if (!t.finite) {
+    // Non-finite flow: the loss of this pixel is NaN (as in the reference), no gradient.
+    if (g_flow) { g_flow[(b * 2) * HW + pix] = acc_t(0); g_flow[(b * 2 + 1) * HW + pix] = acc_t(0); }
+    if (g_pt)
+      for (int64_t c = 0; c < C; ++c) g_pt[(b * C + c) * HW + pix] = scalar_t(0);
+    return acc_t(NAN);
+  }
+  const acc_t vp = mask_weight<acc_t>(P, it + b * P.Ci * HW, itk + b * P.Ci * HW, pix, t);
+  const scalar_t* pt_i = pt + b * C * HW + pix;
+  const scalar_t* ptk_b = ptk + b * C * HW;
+  const acc_t lt = P.on_prob ? lse_t[pix_b] : acc_t(0);
+  acc_t lk[4] = {0, 0, 0, 0};
+  if (P.on_prob)
+    for (int k = 0; k < 4; ++k)
+      if (t.valid[k]) lk[k] = lse_tk[b * HW + t.off[k]];
+
+  const bool grads = gscale != acc_t(0) && (P.g_pt || P.g_ptk || P.g_flow);
+  const acc_t k2 = acc_t(2) * gscale * vp;  // dl/d(diff) = 2 g V^p diff
+  acc_t sumsq = acc_t(0), dot_t = acc_t(0), gx = acc_t(0), gy = acc_t(0);
+  acc_t dot_k[4] = {0, 0, 0, 0};
+  // Pass 1: loss, and the reductions over channels that the gradients need.
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t qt = prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
+    acc_t qk[4], w = acc_t(0), wx = acc_t(0), wy = acc_t(0);
+    for (int k = 0; k < 4; ++k) {
+      qk[k] = t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0);
+      w += t.w[k] * qk[k];
+      wx += t.dwdx[k] * qk[k];
+      wy += t.dwdy[k] * qk[k];
+    }
+    const acc_t diff = qt - w;
+    sumsq += diff * diff;
+    if (grads) {
+      const acc_t dq = k2 * diff;
+      dot_t += qt * dq;
+      for (int k = 0; k < 4; ++k) dot_k[k] -= qk[k] * dq;
+      gx -= dq * wx;
+      gy -= dq * wy;
+    }
+  }
+  if (P.g_flow && g_flow) {  // zeros where this pixel has no gradient
+    g_flow[(b * 2) * HW + pix] = gx;
+    g_flow[(b * 2 + 1) * HW + pix] = gy;
+  }
+  // Pass 2: write d pred_t, scatter d pred_tk (recomputing q instead of keeping it).
+  if (grads && (P.g_pt || P.g_ptk)) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t qt = prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
+      acc_t qk[4], w = acc_t(0);
+      for (int k = 0; k < 4; ++k) {
+        qk[k] = t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0);
+        w += t.w[k] * qk[k];
+      }
+      const acc_t dq = k2 * (qt - w);
+      if (P.g_pt)
+        g_pt[(b * C + c) * HW + pix] = static_cast<scalar_t>(P.on_prob ? qt * (dq - dot_t) : dq);
+      if (P.g_ptk)
+        for (int k = 0; k < 4; ++k)
+          if (t.valid[k] && t.w[k] != acc_t(0))
+            add(&g_ptk[(b * C + c) * HW + t.off[k]],
+                t.w[k] * (P.on_prob ? qk[k] * (-dq - dot_k[k]) : -dq));
+    }
+  } else if (P.g_pt && g_pt) {
+    for (int64_t c = 0; c < C; ++c) g_pt[(b * C + c) * HW + pix] = scalar_t(0);
+  }
+  return vp * sumsq;
+}
+
+}  // namespace tcloss

@@ -1,0 +1,133 @@
+// Device-independent host side of the temporal-loss ops: argument checks, allocation and the
+// final reduction. cpu/temporal_loss.cpp and cuda/temporal_loss.cu provide run_kernels().
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/sum.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+
+#include "kernels/temporal_loss.h"
+
+namespace tcloss {
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+struct TLTensors {
+  TLParams P;
+  at::Tensor pt, ptk, flow, it, itk;  // contiguous; flow/images in the accumulation dtype
+  at::Tensor lse_t, lse_tk;           // (B,H,W) acc dtype, on="prob" only
+  at::Tensor loss_map;                // (B,H,W) acc dtype
+  at::Tensor g_pt, g_ptk_acc, g_flow; // gradients (undefined when not requested)
+  at::Tensor grad;                    // dL/dl: scalar or (B,H,W), acc dtype; undefined = 1
+  double grad_mul = 1.0;              // 1/(BHW) for mean
+};
+
+inline at::ScalarType acc_type_of(at::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline TLTensors tl_prepare(const at::Tensor& pred_t, const at::Tensor& pred_tk, const at::Tensor& flow,
+                            const at::Tensor& img_t, const at::Tensor& img_tk, bool on_prob,
+                            int64_t mask_mode, double mask_power, bool zeros_padding, bool g_pt,
+                            bool g_ptk, bool g_flow) {
+  TORCH_CHECK(pred_t.dim() == 4, "tcloss: pred_t must be (B,C,H,W), got ", pred_t.sizes());
+  TORCH_CHECK(pred_tk.sizes() == pred_t.sizes(), "tcloss: pred_tk must match pred_t ", pred_t.sizes(), ", got ", pred_tk.sizes());
+  TORCH_CHECK(pred_tk.scalar_type() == pred_t.scalar_type(), "tcloss: pred_t and pred_tk must share a dtype");
+  const int64_t B = pred_t.size(0), C = pred_t.size(1), H = pred_t.size(2), W = pred_t.size(3);
+  TORCH_CHECK(flow.dim() == 4 && flow.size(0) == B && flow.size(1) == 2 && flow.size(2) == H && flow.size(3) == W,
+              "tcloss: flow must be (B,2,H,W) = (", B, ",2,", H, ",", W, "), got ", flow.sizes());
+  TORCH_CHECK(img_t.dim() == 4 && img_t.size(0) == B && img_t.size(2) == H && img_t.size(3) == W,
+              "tcloss: img_t must be (B,Ci,H,W) with B,H,W of pred_t, got ", img_t.sizes());
+  TORCH_CHECK(img_tk.sizes() == img_t.sizes(), "tcloss: img_tk must match img_t");
+  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 2, "tcloss: mask_mode must be 0, 1 or 2");
+  for (const auto* t : {&pred_tk, &flow, &img_t, &img_tk})
+    TORCH_CHECK(t->device() == pred_t.device(), "tcloss: all inputs must be on ", pred_t.device());
+  TLTensors T;
+  const auto acc = acc_type_of(pred_t.scalar_type());
+  T.P = TLParams{B, C, img_t.size(1), H, W, on_prob, static_cast<int>(mask_mode), mask_power,
+                 zeros_padding, g_pt, g_ptk, g_flow};
+  T.pt = pred_t.contiguous();
+  T.ptk = pred_tk.contiguous();
+  T.flow = flow.to(acc).contiguous();
+  T.it = img_t.to(acc).contiguous();
+  T.itk = img_tk.to(acc).contiguous();
+  auto opts = pred_t.options().dtype(acc);
+  if (on_prob) {
+    T.lse_t = at::empty({B, H, W}, opts);
+    T.lse_tk = at::empty({B, H, W}, opts);
+  }
+  T.loss_map = at::empty({B, H, W}, opts);
+  if (g_pt) T.g_pt = at::empty_like(T.pt);
+  if (g_ptk) T.g_ptk_acc = at::zeros(pred_tk.sizes(), opts);
+  if (g_flow) T.g_flow = at::empty({B, 2, H, W}, opts);
+  return T;
+}
+
+// Gradient outputs: requested ones in the dtype of their input, others empty (0,).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tl_grads(TLTensors& T, const at::Tensor& pred_t,
+                                                               const at::Tensor& flow) {
+  at::Tensor gpt = T.P.g_pt ? T.g_pt : at::empty({0}, pred_t.options());
+  at::Tensor gptk = T.P.g_ptk ? T.g_ptk_acc.to(pred_t.scalar_type()) : at::empty({0}, pred_t.options());
+  at::Tensor gfl = T.P.g_flow ? T.g_flow.to(flow.scalar_type()) : at::empty({0}, flow.options());
+  return {gpt, gptk, gfl};
+}
+
+inline at::Tensor tl_reduce(const at::Tensor& loss_map, int64_t reduction) {
+  if (reduction == kNone) return loss_map;
+  at::Tensor s = at::sum(loss_map);
+  if (reduction == kMean) s = at::div(s, static_cast<double>(loss_map.numel() > 0 ? loss_map.numel() : 1));
+  return s;
+}
+
+inline double tl_grad_mul(const TLParams& P, int64_t reduction) {
+  return reduction == kMean ? 1.0 / static_cast<double>(P.B * P.H * P.W) : 1.0;
+}
+
+// The two schemas, written once over a device-specific run_kernels(T).
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_loss_fwd_impl(
+    Run run, const at::Tensor& pred_t, const at::Tensor& pred_tk, const at::Tensor& flow,
+    const at::Tensor& img_t, const at::Tensor& img_tk, bool on_prob, int64_t mask_mode,
+    double mask_power, bool zeros_padding, int64_t reduction, bool g_pt, bool g_ptk, bool g_flow) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "tcloss: reduction must be 0 (none), 1 (mean) or 2 (sum)");
+  // Gradients in the forward pass only make sense for a scalar loss (they are then scaled by
+  // grad_output in backward); reduction="none" uses temporal_loss_bwd instead.
+  TORCH_CHECK(reduction != kNone || !(g_pt || g_ptk || g_flow),
+              "tcloss: temporal_loss_fwd computes gradients only for reduction mean/sum");
+  TLTensors T = tl_prepare(pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power,
+                           zeros_padding, g_pt, g_ptk, g_flow);
+  T.grad_mul = tl_grad_mul(T.P, reduction);
+  run(T);
+  auto [gpt, gptk, gfl] = tl_grads(T, pred_t, flow);
+  return {tl_reduce(T.loss_map, reduction), gpt, gptk, gfl};
+}
+
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_loss_bwd_impl(
+    Run run, const at::Tensor& grad, const at::Tensor& pred_t, const at::Tensor& pred_tk,
+    const at::Tensor& flow, const at::Tensor& img_t, const at::Tensor& img_tk, bool on_prob,
+    int64_t mask_mode, double mask_power, bool zeros_padding, int64_t reduction, bool g_pt,
+    bool g_ptk, bool g_flow) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "tcloss: reduction must be 0 (none), 1 (mean) or 2 (sum)");
+  TLTensors T = tl_prepare(pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power,
+                           zeros_padding, g_pt, g_ptk, g_flow);
+  if (reduction == kNone) {
+    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == T.P.B && grad.size(1) == T.P.H && grad.size(2) == T.P.W,
+                "tcloss: grad must be (B,H,W) for reduction none, got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "tcloss: grad must be a scalar for reduction mean/sum");
+  }
+  T.grad = grad.to(T.loss_map.scalar_type()).contiguous();
+  T.grad_mul = tl_grad_mul(T.P, reduction);
+  run(T);
+  return tl_grads(T, pred_t, flow);
+}
+
+}  // namespace tcloss

@@ -1,0 +1,149 @@
+"""How an op reaches a kernel: which backends this install has, and which one a call gets.
+
+Backends: ``reference`` (pure PyTorch, always), ``cpp`` (C++ CPU kernels in ``tcloss._C``),
+``cuda`` (CUDA kernels in ``tcloss._C``, when it was built with nvcc), ``triton`` (Triton
+kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+``backend="auto"`` picks per device: CUDA tensors -> the preferred of cuda / triton for that op
+(``AUTO_CUDA_ORDER``, from GPU measurements) that is available, else reference; CPU tensors ->
+cpp if built, else reference. ``TCLOSS_BACKEND`` overrides ``auto``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+
+# Kernels written so far, per op: the native op probed in the dispatcher, and whether a Triton
+# kernel exists. Later ops add themselves here.
+OPS: dict[str, dict] = {
+    "temporal_loss": {"native": "tcloss::temporal_loss_fwd", "triton": True},
+}
+
+# Order tried for CUDA tensors under backend="auto" (fastest first, as measured on a GPU:
+# see benchmarks/results/).
+AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
+    "temporal_loss": ("cuda", "triton"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def native_status() -> tuple[bool, str]:
+    """(loaded, reason) for the native extension ``tcloss._C``."""
+    if os.environ.get("TCLOSS_DISABLE_NATIVE", "0") not in ("", "0"):
+        return False, "disabled by TCLOSS_DISABLE_NATIVE"
+    try:
+        from .. import _C  # noqa: F401  (loading registers the ops)
+    except ImportError as e:
+        return False, f"tcloss._C not built or not loadable ({e}); reinstall with a C++ compiler: " \
+                      "pip install --no-build-isolation ."
+    except OSError as e:
+        return False, f"tcloss._C failed to load ({e}); was it built against another torch?"
+    return True, "ok"
+
+
+def _has_native_kernel(opname: str, key: str) -> bool:
+    ok, _ = native_status()
+    if not ok:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(opname, key)
+    except RuntimeError:
+        return False
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import problem means "not available"
+        return False, f"triton not importable ({e})"
+    return True, "ok"
+
+
+def _status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
+    spec = OPS.get(op)
+    if spec is None:
+        return (backend == "reference"), f"{op} has only a reference implementation"
+    if backend == "reference":
+        return True, "ok"
+    if backend == "cpp":
+        if device_type != "cpu":
+            return False, "the cpp backend runs on CPU tensors only"
+        if spec.get("native") is None:
+            return False, f"no C++ CPU kernel for {op} yet"
+        ok, why = native_status()
+        if not ok:
+            return False, why
+        return (True, "ok") if _has_native_kernel(spec["native"], "CPU") else (False, f"tcloss._C has no CPU kernel for {op}")
+    if backend == "cuda":
+        if device_type != "cuda":
+            return False, "the cuda backend runs on CUDA tensors only"
+        if spec.get("native") is None:
+            return False, f"no CUDA kernel for {op} yet"
+        ok, why = native_status()
+        if not ok:
+            return False, why
+        if not _has_native_kernel(spec["native"], "CUDA"):
+            return False, "tcloss._C was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
+        return True, "ok"
+    if backend == "triton":
+        if not spec.get("triton"):
+            return False, f"no Triton kernel for {op} yet"
+        ok, why = triton_status()
+        if not ok:
+            return False, why
+        if device_type == "cuda" or (device_type == "cpu" and triton_interpret()):
+            return True, "ok"
+        return False, "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def resolve(op: str, device: torch.device, backend: str = "auto") -> str:
+    """The backend a call of ``op`` on ``device`` runs on; a clear error if unavailable."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("TCLOSS_BACKEND", "auto") or "auto"
+    dt = device.type
+    if backend == "auto":
+        order = AUTO_CUDA_ORDER.get(op, ("cuda", "triton")) if dt == "cuda" else ("cpp",)
+        for name in order:
+            if _status(name, op, dt)[0]:
+                return name
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    ok, why = _status(backend, op, dt)
+    if not ok:
+        avail = [b for b in BACKENDS if _status(b, op, dt)[0]]
+        raise RuntimeError(f"backend {backend!r} is not available for {op} on {dt} tensors: {why}. "
+                           f"Available here: {avail}")
+    return backend
+
+
+def available_backends(verbose: bool = False):
+    """Backends this install can run, per device kind.
+
+    Returns ``{"cpu": [...], "cuda": [...]}`` (names usable as ``backend=``), or with
+    ``verbose=True`` ``{op: {device: {backend: "ok" | reason}}}``.
+    """
+    devices = ("cpu", "cuda")
+    if verbose:
+        ops = list(OPS) + ["pairwise_similarity_loss", "convlstm_cell"]
+        return {op: {d: {b: _status(b, op, d)[1] for b in BACKENDS} for d in devices} for op in dict.fromkeys(ops)}
+    out = {}
+    for d in devices:
+        names = []
+        for b in BACKENDS:
+            if any(_status(b, op, d)[0] for op in OPS):
+                names.append(b)
+        out[d] = names
+    return out
