@@ -100,3 +100,9 @@ def released_code_temporal_loss(z_t, z_tk, flow, img_t, img_tk):
     with torch.no_grad():
         v = occlusion_mask(img_t, img_tk, flow, mode="signed_sum", padding="border")
     return F.mse_loss(v * z_t, v * flow_warp(z_tk, flow, "border"))
+
+
+# --- pair-wise cosine-similarity distillation (pairwise_similarity_loss) -----------------------
+
+
+# --- ConvLSTM cell (convlstm_cell) -------------------------------------------------------------
