@@ -21,12 +21,16 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 # kernel exists. Later ops add themselves here.
 OPS: dict[str, dict] = {
     "temporal_loss": {"native": "tcloss::temporal_loss_fwd", "triton": True},
+    "convlstm_cell": {"native": "tcloss::convlstm_cell_fwd", "triton": True},
+    "pairwise_similarity_loss": {"native": "tcloss::pairwise_similarity_fwd", "triton": True},
 }
 
 # Order tried for CUDA tensors under backend="auto" (fastest first, as measured on a GPU:
 # see benchmarks/results/).
 AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
     "temporal_loss": ("cuda", "triton"),
+    "convlstm_cell": ("cuda", "triton"),  # until measured on a GPU
+    "pairwise_similarity_loss": ("cuda", "triton"),  # not yet measured on a GPU
 }
 
 
@@ -106,6 +110,7 @@ def _status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
+@torch.compiler.assume_constant_result  # a trace-time decision: keeps torch.compile(fullgraph=True) whole
 def resolve(op: str, device: torch.device, backend: str = "auto") -> str:
     """The backend a call of ``op`` on ``device`` runs on; a clear error if unavailable."""
     if not isinstance(backend, str):

@@ -67,6 +67,14 @@ def _make_autograd(bwd_op):
     return setup_context, backward
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("tcloss: double backward through temporal_loss is not supported")
+
+
+def _bwd_setup(ctx, inputs, output):
+    pass
+
+
 _registered = False
 
 
@@ -81,12 +89,14 @@ def register() -> None:
         torch.library.register_fake("tcloss::temporal_loss_bwd")(_fake_bwd)
         sc, bw = _make_autograd(torch.ops.tcloss.temporal_loss_bwd)
         torch.library.register_autograd("tcloss::temporal_loss_fwd", bw, setup_context=sc)
+        torch.library.register_autograd("tcloss::temporal_loss_bwd", _no_double_backward, setup_context=_bwd_setup)
     try:
         from . import temporal_loss_triton as tt
     except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
         return
     sc, bw = _make_autograd(tt.temporal_loss_bwd_triton)
     tt.temporal_loss_fwd_triton.register_autograd(bw, setup_context=sc)
+    tt.temporal_loss_bwd_triton.register_autograd(_no_double_backward, setup_context=_bwd_setup)
 
 
 def fwd_op(backend: str):

@@ -1,0 +1,123 @@
+"""torch.library glue of the pair-wise similarity loss (blocked algorithm): fake (meta) kernels
+and autograd for the native pair ``tcloss::pairwise_similarity_fwd/bwd`` and the Triton pair
+``tcloss::pairwise_similarity_{fwd,bwd}_triton``; plus the choice of algorithm.
+
+FlashAttention-style: the forward keeps only per-row statistics (the log-sum-exp of S_i/tau and
+T_i/tau for ``loss="kl"``, nothing for ``"mse"``); backward recomputes every S/T tile from the
+inputs (re-normalised, O(N C)), so no N x N map exists in either pass.
+
+Op contract (every backend): inputs ``(B,C,N)`` (student a, teacher a, student b, teacher b; the
+self-similarity loss passes student_a twice and autograd adds the two gradients); returns the
+scalar loss (float32, float64 for float64 inputs) and the stats ``(B,N_a,2)`` (kl) or ``(0,)``
+(mse). Backward returns d student_a, d student_b (input dtype, ``(0,)`` where not requested).
+The teacher is a constant.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import native_status
+
+LOSS = {"mse": 0, "kl": 1}
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(sa, ta, sb, tb, loss, temperature, eps, detach_norm):
+    B, _, Na = sa.shape
+    stats = sa.new_empty((B, Na, 2) if loss == 1 else (0,), dtype=_acc(sa))
+    return sa.new_empty((), dtype=_acc(sa)), stats
+
+
+def _fake_bwd(grad, sa, ta, sb, tb, stats, loss, temperature, eps, detach_norm, grad_a, grad_b):
+    return sa.new_empty(sa.shape if grad_a else (0,)), sb.new_empty(sb.shape if grad_b else (0,))
+
+
+def _make_autograd(bwd_op):
+    def setup_context(ctx, inputs, output):
+        sa, ta, sb, tb, loss, temperature, eps, detach_norm = inputs
+        ctx.args = (loss, temperature, eps, detach_norm)
+        ctx.save_for_backward(sa, ta, sb, tb, output[1])
+
+    def backward(ctx, grad_loss, _grad_stats):
+        sa, ta, sb, tb, stats = ctx.saved_tensors
+        ga, gb = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if not (ga or gb):
+            return None, None, None, None, None, None, None, None
+        loss, temperature, eps, detach_norm = ctx.args
+        da, db = bwd_op(grad_loss, sa, ta, sb, tb, stats, loss, temperature, eps, detach_norm, ga, gb)
+        return (da if ga else None), None, (db if gb else None), None, None, None, None, None
+
+    return setup_context, backward
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register fake + autograd implementations (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    if native_status()[0] and hasattr(torch.ops.tcloss, "pairwise_similarity_fwd"):
+        torch.library.register_fake("tcloss::pairwise_similarity_fwd")(_fake_fwd)
+        torch.library.register_fake("tcloss::pairwise_similarity_bwd")(_fake_bwd)
+        sc, bw = _make_autograd(torch.ops.tcloss.pairwise_similarity_bwd)
+        torch.library.register_autograd("tcloss::pairwise_similarity_fwd", bw, setup_context=sc)
+    try:
+        from . import pairwise_triton as pt
+    except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
+        return
+    sc, bw = _make_autograd(pt.pairwise_similarity_bwd_triton)
+    pt.pairwise_similarity_fwd_triton.register_autograd(bw, setup_context=sc)
+
+
+def fwd_op(backend: str):
+    if backend in ("cpp", "cuda"):
+        return torch.ops.tcloss.pairwise_similarity_fwd
+    if backend == "triton":
+        from . import pairwise_triton as pt
+        return pt.pairwise_similarity_fwd_triton
+    raise ValueError(backend)
+
+
+# Crossover of algorithm="auto" for loss="mse" (see benchmarks/bench_pairwise.py): the Gram
+# identity costs ~2 N (C_s+C_t)^2 float64 multiply-adds against ~6 N_a N_b (C_s+C_t) for the
+# blocked forward+backward, and is exact to ~1e-10 relative in float64, so it wins unless the
+# channel count is comparable to the number of pixels.
+GRAM_MAX_CHANNEL_RATIO = 0.5
+
+
+def choose_algorithm(algorithm: str, loss: str, backend: str, Na: int, Nb: int, Cs: int, Ct: int) -> str:
+    """The algorithm a call runs: ``auto`` -> gram for mse when ``C_s + C_t <= 0.5 * min(N_a, N_b)``,
+    otherwise blocked (naive where no blocked kernel exists: the reference backend)."""
+    if algorithm != "auto":
+        return algorithm
+    if loss == "mse" and Cs + Ct <= GRAM_MAX_CHANNEL_RATIO * min(Na, Nb):
+        return "gram"
+    return "naive" if backend == "reference" else "blocked"
+
+
+def normalize_rows(x: torch.Tensor, eps: float, acc: torch.dtype):
+    """(B,C,N) -> unit rows (B,N,C) contiguous in ``acc`` and the norms (B,N,1)."""
+    xt = x.to(acc).transpose(1, 2)
+    n = torch.linalg.vector_norm(xt, dim=2, keepdim=True)
+    return (xt / n.clamp_min(eps)).contiguous(), n
+
+
+def norm_backward(g: torch.Tensor, xh: torch.Tensor, n: torch.Tensor, eps: float, detach_norm: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """d/dx of ``xh = x / max(|x|, eps)`` given ``g`` = d/d xh (B,N,C); returns (B,C,N) in ``dtype``.
+
+    Where |x| >= eps: ``(g - xh <xh, g>) / |x|`` (exact), else ``g / eps``; ``detach_norm``:
+    ``g / max(|x|, eps)``. The same rule as autograd through clamp_min (ties pass through)."""
+    nc = n.clamp_min(eps)
+    if detach_norm:
+        dx = g / nc
+    else:
+        full = (g - xh * (xh * g).sum(2, keepdim=True)) / nc
+        dx = torch.where(n >= eps, full, g / nc)
+    return dx.transpose(1, 2).to(dtype).contiguous()

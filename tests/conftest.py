@@ -1,0 +1,51 @@
+"""Shared test helpers: which backends run where, tolerances, the shared sample data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import tcloss
+from tcloss import _backends
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+INTERPRET = _backends.triton_interpret()
+HAS_CUDA = torch.cuda.is_available()
+HAS_CPP = _backends._status("cpp", "temporal_loss", "cpu")[0]
+
+# Per-dtype (atol, rtol) of a kernel against the float64 reference on the same inputs.
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2e-3, 1e-2),
+    torch.bfloat16: (1.5e-2, 5e-2),
+}
+
+
+def kernel_params(op: str = "temporal_loss"):
+    """(backend, device) pairs for the kernels under test; reference is the oracle, not a param."""
+    return [
+        pytest.param("cpp", "cpu", id="cpp",
+                     marks=pytest.mark.skipif(not _backends._status("cpp", op, "cpu")[0], reason="tcloss._C has no CPU kernel")),
+        pytest.param("triton", "cpu", id="triton-interp",
+                     marks=[pytest.mark.triton,
+                            pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")]),
+        pytest.param("cuda", "cuda", id="cuda",
+                     marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")]),
+        pytest.param("triton", "cuda", id="triton-cuda",
+                     marks=[pytest.mark.cuda, pytest.mark.triton,
+                            pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="no CUDA GPU")]),
+    ]
+
+
+def pytest_report_header(config):
+    return f"tcloss backends: {tcloss.available_backends()}; TRITON_INTERPRET={int(INTERPRET)}; cuda={HAS_CUDA}"
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared sample data not found at {SHARED_DATA}")
+    return SHARED_DATA
