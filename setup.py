@@ -35,6 +35,15 @@ def _ext_modules_and_cmdclass():
         return [], {}
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # TCLOSS_EXT_ONLY=temporal_loss,... builds only those ops' kernels (schemas are always built):
+    # a fallback for bisecting a broken kernel file.
+    only = [x for x in os.environ.get("TCLOSS_EXT_ONLY", "").split(",") if x]
+
+    def keep(path):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return not only or os.path.dirname(path) == "csrc" or stem in only
+
+    sources = [p for p in sources if keep(p)]
     include_dirs = [os.path.join(ROOT, "csrc")]
     # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs.
     cxx = ["-O3", "-fvisibility=hidden"]
@@ -48,7 +57,7 @@ def _ext_modules_and_cmdclass():
         print("tcloss: nvcc not found (set CUDA_HOME); building CPU kernels only", file=sys.stderr)
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += [p for p in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) if keep(p)]
         ext = ce.CUDAExtension(
             "tcloss._C",
             sources,

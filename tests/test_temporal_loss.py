@@ -272,8 +272,13 @@ def test_opcheck_native():
     torch.library.opcheck(op, (pt, ptk, fl, it, itk, True, 0, 1.0, False, 1, True, True, True))
     torch.library.opcheck(op, (pt, ptk, fl, it, itk, False, 2, 2.0, True, 0, False, False, False))
     torch.library.opcheck(torch.ops.tcloss.temporal_loss_bwd,
-                          (torch.rand(1, 4, 5, dtype=torch.float64), pt, ptk, fl, it, itk, True, 1, 1.0, False, 0,
-                           True, True, True))
+                          (torch.rand(1, 4, 5, dtype=torch.float64), pt.detach(), ptk.detach(), fl.detach(), it, itk,
+                           True, 1, 1.0, False, 0, True, True, True))
+    # backward of the backward is refused with a clear error, not silently wrong
+    g = torch.rand(1, 4, 5, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.tcloss.temporal_loss_bwd(g, pt, ptk, fl, it, itk, True, 1, 1.0, False, 0, True, True, True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        out[0].sum().backward()
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)

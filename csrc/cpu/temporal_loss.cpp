@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../temporal_loss_host.h"
 
@@ -66,13 +67,16 @@ void rows(const TLTensors& T, int64_t row_lo, int64_t row_hi, Add add) {
   const acc_t* flow = T.flow.data_ptr<acc_t>();
   const acc_t* it = T.it.data_ptr<acc_t>();
   const acc_t* itk = T.itk.data_ptr<acc_t>();
+  const bool need_scratch = (P.g_pt || P.g_ptk) && (grad || mul != acc_t(0));
+  std::vector<acc_t> scratch(need_scratch ? 5 * P.C : 0);
   for (int64_t r = row_lo; r < row_hi; ++r) {
     const int64_t b = r / P.H, y = r % P.H;
     for (int64_t x = 0; x < P.W; ++x) {
       const int64_t i = r * P.W + x;
       const acc_t g = mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
       loss[i] = temporal_loss_pixel<scalar_t, acc_t, Add>(
-          P, b, y, x, pt, ptk, flow, it, itk, lt, lk, g, gpt, gptk, gfl, add);
+          P, b, y, x, pt, ptk, flow, it, itk, lt, lk, g, gpt, gptk, gfl, add,
+          need_scratch ? scratch.data() : nullptr);
     }
   }
 }

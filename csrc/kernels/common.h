@@ -12,6 +12,22 @@
 
 namespace tcloss {
 
+// Float overloads on both compilers (an unqualified exp(float) may resolve to the double C
+// function on the host and make the CPU kernel several times slower).
+#if defined(__CUDA_ARCH__)
+#define TC_MATH(name) \
+  template <typename T> __device__ __forceinline__ T m_##name(T x) { return name(x); }
+#else
+#define TC_MATH(name) \
+  template <typename T> inline T m_##name(T x) { return std::name(x); }
+#endif
+TC_MATH(exp)
+TC_MATH(log)
+TC_MATH(sqrt)
+TC_MATH(fabs)
+TC_MATH(floor)
+#undef TC_MATH
+
 template <typename T>
 HOST_DEVICE_INLINE bool is_finite(T v) {
   // isfinite without relying on a fast-math-unsafe builtin: NaN != NaN, inf - inf = NaN.
@@ -57,7 +73,7 @@ HOST_DEVICE_INLINE void bilinear_taps(acc_t px, acc_t py, int64_t H, int64_t W, 
     // Far outside: every corner is outside, nothing to read (also keeps floor() in int range).
     if (!(px >= acc_t(-1) && px <= acc_t(W) && py >= acc_t(-1) && py <= acc_t(H))) return;
   }
-  const acc_t fx = floor(px), fy = floor(py);
+  const acc_t fx = m_floor(px), fy = m_floor(py);
   const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy);
   const acc_t tx = px - fx, ty = py - fy;
   const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};

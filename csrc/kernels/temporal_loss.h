@@ -40,14 +40,14 @@ HOST_DEVICE_INLINE acc_t channel_lse(const scalar_t* p, int64_t C, int64_t HW) {
   }
   if (!is_finite(m)) return m;  // NaN/inf propagate like the reference softmax
   acc_t s = acc_t(0);
-  for (int64_t c = 0; c < C; ++c) s += exp(static_cast<acc_t>(p[c * HW]) - m);
-  return m + log(s);
+  for (int64_t c = 0; c < C; ++c) s += m_exp(static_cast<acc_t>(p[c * HW]) - m);
+  return m + m_log(s);
 }
 
 template <typename scalar_t, typename acc_t>
 HOST_DEVICE_INLINE acc_t prob_of(const scalar_t* p, int64_t idx, acc_t lse, bool on_prob) {
   const acc_t v = static_cast<acc_t>(p[idx]);
-  return on_prob ? exp(v - lse) : v;
+  return on_prob ? m_exp(v - lse) : v;
 }
 
 // Occlusion weight V^p of pixel `pix` (offset y*W + x inside a plane) of batch b.
@@ -62,23 +62,26 @@ HOST_DEVICE_INLINE acc_t mask_weight(const TLParams& P, const acc_t* it_b, const
       if (t.valid[k]) warped += t.w[k] * itk_b[c * HW + t.off[k]];
     const acc_t d = it_b[c * HW + pix] - warped;
     if (P.mask_mode == kSignedSum) s += d;
-    else if (P.mask_mode == kL1) s += fabs(d);
+    else if (P.mask_mode == kL1) s += m_fabs(d);
     else s += d * d;
   }
-  const acc_t r = P.mask_mode == kSignedSum ? fabs(s) : (P.mask_mode == kL1 ? s : sqrt(s));
-  return exp(-static_cast<acc_t>(P.mask_power) * r);
+  const acc_t r = P.mask_mode == kSignedSum ? m_fabs(s) : (P.mask_mode == kL1 ? s : m_sqrt(s));
+  return m_exp(-static_cast<acc_t>(P.mask_power) * r);
 }
 
 // Adds `v` to `*p`: plain add (single writer) or atomic (CUDA atomicAdd / CPU CAS), chosen by
 // the caller through the Add functor.
-// Returns l_i. `gscale` = dL/dl_i (0 = no gradients for this pixel).
+// Returns l_i. `gscale` = dL/dl_i (0 = no gradients for this pixel). `scratch` (5*C values, or
+// nullptr) keeps q_t and the four corners' q from pass 1 for pass 2: the CPU passes a
+// per-thread buffer (saves 5 exp per channel), the GPU recomputes (registers are scarcer).
 template <typename scalar_t, typename acc_t, typename Add>
 HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
     const TLParams& P, int64_t b, int64_t y, int64_t x,
     const scalar_t* __restrict__ pt, const scalar_t* __restrict__ ptk,
     const acc_t* __restrict__ flow, const acc_t* __restrict__ it, const acc_t* __restrict__ itk,
     const acc_t* __restrict__ lse_t, const acc_t* __restrict__ lse_tk, acc_t gscale,
-    scalar_t* __restrict__ g_pt, acc_t* __restrict__ g_ptk, acc_t* __restrict__ g_flow, Add add) {
+    scalar_t* __restrict__ g_pt, acc_t* __restrict__ g_ptk, acc_t* __restrict__ g_flow, Add add,
+    acc_t* __restrict__ scratch) {
   const int64_t HW = P.H * P.W, C = P.C;
   const int64_t pix = y * P.W + x;
   const int64_t pix_b = b * HW + pix;
@@ -115,6 +118,10 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
       wx += t.dwdx[k] * qk[k];
       wy += t.dwdy[k] * qk[k];
     }
+    if (scratch) {
+      scratch[c] = qt;
+      for (int k = 0; k < 4; ++k) scratch[(k + 1) * C + c] = qk[k];
+    }
     const acc_t diff = qt - w;
     sumsq += diff * diff;
     if (grads) {
@@ -132,10 +139,11 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
   // Pass 2: write d pred_t, scatter d pred_tk (recomputing q instead of keeping it).
   if (grads && (P.g_pt || P.g_ptk)) {
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t qt = prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
+      const acc_t qt = scratch ? scratch[c] : prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
       acc_t qk[4], w = acc_t(0);
       for (int k = 0; k < 4; ++k) {
-        qk[k] = t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0);
+        qk[k] = scratch ? scratch[(k + 1) * C + c]
+                        : (t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0));
         w += t.w[k] * qk[k];
       }
       const acc_t dq = k2 * (qt - w);

@@ -1,0 +1,103 @@
+"""Helpers shared by the benchmark suites: device selection, synchronised timing, peak memory.
+
+Peak memory: on CUDA, ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus what was
+allocated before the step (the step's extra memory: activations, saved tensors, gradients);
+on CPU, the rise of the peak resident set of an isolated child process over its level once the
+inputs exist (``ru_maxrss``), so one benchmark cannot hide another's allocations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tcloss
+from tcloss import _backends
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backends_for(op: str, device: str) -> list[str]:
+    names = ["reference"]
+    for b in ("cpp", "cuda", "triton"):
+        if _backends._status(b, op, device)[0] and not (b == "triton" and device == "cpu"):
+            names.append(b)
+    return names
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_peak_extra(fn) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def cpu_peak_extra(module: str, func: str, *args) -> int | None:
+    """Run ``module.func(*args)`` in a fresh interpreter; it returns the peak RSS rise in bytes."""
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import {module} as m; "
+            f"print(json.dumps(m.{func}(*{args!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def rss_rise(step) -> int:
+    """Peak-RSS rise (bytes) of ``step()`` over the current RSS (meant for a fresh child process).
+
+    Linux: the high-water mark VmHWM is reset through /proc/self/clear_refs ("5"), so the peak
+    of the step alone is read, not one left by imports or input creation.
+    """
+    import gc
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth (bytes/s, read + write): the practical ceiling."""
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    for _ in range(10):
+        y.copy_(x)
+    ev1.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * x.numel() * 4 / (ev0.elapsed_time(ev1) / 1e3)
+
+
+@pytest.fixture(scope="session")
+def device_info():
+    info = {"torch": torch.__version__, "backends": tcloss.available_backends()}
+    if HAS_CUDA:
+        info["gpu"] = torch.cuda.get_device_name()
+        info["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
