@@ -46,7 +46,8 @@ def _ext_modules_and_cmdclass():
     sources = [p for p in sources if keep(p)]
     include_dirs = [os.path.join(ROOT, "csrc")]
     # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs.
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fno-trapping-math: lets the vectoriser if-convert branch-free selects (no value changes).
+    cxx = ["-O3", "-fvisibility=hidden", "-fno-trapping-math"]
     if sys.platform != "win32":
         cxx.append("-fopenmp")
     want_cuda = _flag("TCLOSS_BUILD_CUDA", "1") and torch.version.cuda is not None

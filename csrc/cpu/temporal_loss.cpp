@@ -1,10 +1,18 @@
 // C++ CPU kernels of the fused temporal loss: at::parallel_for over rows, per-pixel math from
-// kernels/temporal_loss.h. The scatter into d pred_tk is race-free: plain adds when one thread
-// owns each batch item (or runs alone), lock-free compare-and-swap adds otherwise.
+// kernels/temporal_loss.h (the same functions the CUDA kernel runs).
+//
+// CPU-specific: the exponentials. Per chunk of pixels the softmax arguments (pred_t and the four
+// bilinear corners of pred_tk, minus their per-pixel log-sum-exp) are gathered into one buffer
+// and exponentiated by one vectorised loop (a Cephes-style expf, ~1 ulp, multiversioned for
+// AVX2), then the shared per-pixel function reads q from that buffer. The scatter into
+// d pred_tk is race-free: plain adds when one thread owns each batch item (or runs alone),
+// lock-free compare-and-swap adds otherwise.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -33,6 +41,60 @@ struct CasAdd {
   }
 };
 
+// exp(x) for x <= 0 (softmax arguments): 2^n * p(r), r = x - n ln2, Cephes' degree-6
+// polynomial; branch-free so the loop below vectorises. NaN stays NaN, x < -87.3 gives 0.
+inline float expf_nonpos(float x) {
+  const float keep = x >= -87.3f ? 1.f : 0.f;  // NaN: 0, and NaN * 0 stays NaN below
+  x = x < -87.3f ? -87.3f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale * keep;
+}
+
+// setup.py compiles the CPU kernels with -fno-trapping-math, which lets GCC if-convert the
+// selects above (results are unchanged: it only drops the assumption that FP exceptions trap);
+// the vectoriser needs that.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void exp_inplace(float* p, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) p[i] = expf_nonpos(p[i]);
+}
+
+void exp_inplace(double* p, int64_t n) {  // float64 (gradcheck): the exact libm exp
+  for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i]);
+}
+
+// log-sum-exp over channels for one row of W pixels (channel stride HW), vectorised over x.
+template <typename scalar_t, typename acc_t>
+void lse_row(const scalar_t* p, int64_t C, int64_t HW, int64_t W, acc_t* out, acc_t* m, acc_t* s, acc_t* tmp) {
+  for (int64_t x = 0; x < W; ++x) m[x] = static_cast<acc_t>(p[x]);
+  for (int64_t c = 1; c < C; ++c)
+    for (int64_t x = 0; x < W; ++x) m[x] = std::max(m[x], static_cast<acc_t>(p[c * HW + x]));
+  std::fill(s, s + W, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t x = 0; x < W; ++x) {
+      // a non-finite max (inf/NaN logits) is kept as is below; avoid inf - inf here
+      const acc_t mx = is_finite(m[x]) ? m[x] : acc_t(0);
+      tmp[x] = static_cast<acc_t>(p[c * HW + x]) - mx;
+    }
+    exp_inplace(tmp, W);
+    for (int64_t x = 0; x < W; ++x) s[x] += tmp[x];
+  }
+  for (int64_t x = 0; x < W; ++x) out[x] = is_finite(m[x]) ? m[x] + std::log(s[x]) : m[x];
+}
+
 template <typename scalar_t, typename acc_t>
 void lse_pass(const TLTensors& T) {
   const TLParams& P = T.P;
@@ -41,11 +103,12 @@ void lse_pass(const TLTensors& T) {
   const scalar_t* ptk = T.ptk.data_ptr<scalar_t>();
   acc_t* lt = T.lse_t.data_ptr<acc_t>();
   acc_t* lk = T.lse_tk.data_ptr<acc_t>();
-  at::parallel_for(0, P.B * HW, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / HW, pix = i % HW;
-      lt[i] = channel_lse<scalar_t, acc_t>(pt + b * P.C * HW + pix, P.C, HW);
-      lk[i] = channel_lse<scalar_t, acc_t>(ptk + b * P.C * HW + pix, P.C, HW);
+  at::parallel_for(0, P.B * P.H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> buf(3 * P.W);
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / P.H, off = b * P.C * HW + (r % P.H) * P.W;
+      lse_row<scalar_t, acc_t>(pt + off, P.C, HW, P.W, lt + r * P.W, buf.data(), buf.data() + P.W, buf.data() + 2 * P.W);
+      lse_row<scalar_t, acc_t>(ptk + off, P.C, HW, P.W, lk + r * P.W, buf.data(), buf.data() + P.W, buf.data() + 2 * P.W);
     }
   });
 }
@@ -53,6 +116,7 @@ void lse_pass(const TLTensors& T) {
 template <typename scalar_t, typename acc_t, typename Add>
 void rows(const TLTensors& T, int64_t row_lo, int64_t row_hi, Add add) {
   const TLParams& P = T.P;
+  const int64_t HW = P.H * P.W, C = P.C;
   const acc_t* grad = T.grad.defined() ? T.grad.data_ptr<acc_t>() : nullptr;
   const bool grad_map = grad && T.grad.numel() > 1;
   const acc_t mul = static_cast<acc_t>(T.grad_mul);
@@ -67,16 +131,47 @@ void rows(const TLTensors& T, int64_t row_lo, int64_t row_hi, Add add) {
   const acc_t* flow = T.flow.data_ptr<acc_t>();
   const acc_t* it = T.it.data_ptr<acc_t>();
   const acc_t* itk = T.itk.data_ptr<acc_t>();
-  const bool need_scratch = (P.g_pt || P.g_ptk) && (grad || mul != acc_t(0));
-  std::vector<acc_t> scratch(need_scratch ? 5 * P.C : 0);
+  // q of a chunk of pixels: [pixel][q_t (C) | corner 0..3 (C each)]
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(P.W, 8192 / (5 * C)));
+  std::vector<acc_t> q(chunk * 5 * C);
+  std::vector<uint8_t> invalid(chunk * 4);
   for (int64_t r = row_lo; r < row_hi; ++r) {
     const int64_t b = r / P.H, y = r % P.H;
-    for (int64_t x = 0; x < P.W; ++x) {
-      const int64_t i = r * P.W + x;
-      const acc_t g = mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
-      loss[i] = temporal_loss_pixel<scalar_t, acc_t, Add>(
-          P, b, y, x, pt, ptk, flow, it, itk, lt, lk, g, gpt, gptk, gfl, add,
-          need_scratch ? scratch.data() : nullptr);
+    const scalar_t* pt_b = pt + b * C * HW;
+    const scalar_t* ptk_b = ptk + b * C * HW;
+    for (int64_t x0 = 0; x0 < P.W; x0 += chunk) {
+      const int64_t n = std::min(chunk, P.W - x0);
+      for (int64_t j = 0; j < n; ++j) {  // gather the softmax arguments
+        const int64_t x = x0 + j, pix = y * P.W + x;
+        acc_t* qj = q.data() + j * 5 * C;
+        const acc_t l = P.on_prob ? lt[b * HW + pix] : acc_t(0);
+        for (int64_t c = 0; c < C; ++c) qj[c] = static_cast<acc_t>(pt_b[c * HW + pix]) - l;
+        BilinearTaps<acc_t> t;
+        bilinear_taps<acc_t>(acc_t(x) + flow[(b * 2) * HW + pix], acc_t(y) + flow[(b * 2 + 1) * HW + pix], P.H, P.W,
+                             P.zeros_pad, t);
+        for (int k = 0; k < 4; ++k) {
+          acc_t* qk = qj + (k + 1) * C;
+          invalid[j * 4 + k] = !(t.finite && t.valid[k]);
+          if (invalid[j * 4 + k]) {
+            std::fill(qk, qk + C, acc_t(0));
+          } else {
+            const acc_t lkk = P.on_prob ? lk[b * HW + t.off[k]] : acc_t(0);
+            for (int64_t c = 0; c < C; ++c) qk[c] = static_cast<acc_t>(ptk_b[c * HW + t.off[k]]) - lkk;
+          }
+        }
+      }
+      if (P.on_prob) {
+        exp_inplace(q.data(), n * 5 * C);
+        for (int64_t j = 0; j < n; ++j)
+          for (int k = 0; k < 4; ++k)
+            if (invalid[j * 4 + k]) std::fill(q.data() + (j * 5 + k + 1) * C, q.data() + (j * 5 + k + 2) * C, acc_t(0));
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t x = x0 + j, i = r * P.W + x;
+        const acc_t g = mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
+        loss[i] = temporal_loss_pixel<scalar_t, acc_t, Add>(P, b, y, x, pt, ptk, flow, it, itk, lt, lk, g, gpt, gptk,
+                                                            gfl, add, q.data() + j * 5 * C);
+      }
     }
   }
 }

@@ -71,9 +71,10 @@ HOST_DEVICE_INLINE acc_t mask_weight(const TLParams& P, const acc_t* it_b, const
 
 // Adds `v` to `*p`: plain add (single writer) or atomic (CUDA atomicAdd / CPU CAS), chosen by
 // the caller through the Add functor.
-// Returns l_i. `gscale` = dL/dl_i (0 = no gradients for this pixel). `scratch` (5*C values, or
-// nullptr) keeps q_t and the four corners' q from pass 1 for pass 2: the CPU passes a
-// per-thread buffer (saves 5 exp per channel), the GPU recomputes (registers are scarcer).
+// Returns l_i. `gscale` = dL/dl_i (0 = no gradients for this pixel). `q5` (or nullptr): the
+// pixel's q_t[0..C) followed by the four corners' q (C each, 0 for corners outside the image),
+// already computed by the caller: the CPU fills it for a chunk of pixels with a vectorised exp;
+// the GPU passes nullptr and computes q on the fly in both passes (registers are scarcer).
 template <typename scalar_t, typename acc_t, typename Add>
 HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
     const TLParams& P, int64_t b, int64_t y, int64_t x,
@@ -81,7 +82,7 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
     const acc_t* __restrict__ flow, const acc_t* __restrict__ it, const acc_t* __restrict__ itk,
     const acc_t* __restrict__ lse_t, const acc_t* __restrict__ lse_tk, acc_t gscale,
     scalar_t* __restrict__ g_pt, acc_t* __restrict__ g_ptk, acc_t* __restrict__ g_flow, Add add,
-    acc_t* __restrict__ scratch) {
+    const acc_t* __restrict__ q5) {
   const int64_t HW = P.H * P.W, C = P.C;
   const int64_t pix = y * P.W + x;
   const int64_t pix_b = b * HW + pix;
@@ -110,17 +111,14 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
   acc_t dot_k[4] = {0, 0, 0, 0};
   // Pass 1: loss, and the reductions over channels that the gradients need.
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t qt = prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
+    const acc_t qt = q5 ? q5[c] : prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
     acc_t qk[4], w = acc_t(0), wx = acc_t(0), wy = acc_t(0);
     for (int k = 0; k < 4; ++k) {
-      qk[k] = t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0);
+      qk[k] = q5 ? q5[(k + 1) * C + c]
+                 : (t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0));
       w += t.w[k] * qk[k];
       wx += t.dwdx[k] * qk[k];
       wy += t.dwdy[k] * qk[k];
-    }
-    if (scratch) {
-      scratch[c] = qt;
-      for (int k = 0; k < 4; ++k) scratch[(k + 1) * C + c] = qk[k];
     }
     const acc_t diff = qt - w;
     sumsq += diff * diff;
@@ -139,10 +137,10 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
   // Pass 2: write d pred_t, scatter d pred_tk (recomputing q instead of keeping it).
   if (grads && (P.g_pt || P.g_ptk)) {
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t qt = scratch ? scratch[c] : prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
+      const acc_t qt = q5 ? q5[c] : prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
       acc_t qk[4], w = acc_t(0);
       for (int k = 0; k < 4; ++k) {
-        qk[k] = scratch ? scratch[(k + 1) * C + c]
+        qk[k] = q5 ? q5[(k + 1) * C + c]
                         : (t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0));
         w += t.w[k] * qk[k];
       }
