@@ -23,15 +23,17 @@ fi
 echo "build: ${SECONDS}s"
 echo "== tests (cuda)"
 SECONDS=0
-timeout 210 $PY -m pytest tests -m cuda -q -p no:cacheprovider -o addopts="" > "$OUT/tests_cuda.log" 2>&1 || status=1
+timeout ${TEST_TIMEOUT:-180} $PY -m pytest ${TESTS:-tests} -m cuda -q -p no:cacheprovider -o addopts="" > "$OUT/tests_cuda.log" 2>&1 || status=1
 tail -15 "$OUT/tests_cuda.log"; echo "tests: ${SECONDS}s"
 echo "== compute-sanitizer memcheck"
 SECONDS=0
-timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_small.py > "$OUT/memcheck.log" 2>&1 || status=1
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 75 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_small.py > "$OUT/memcheck.log" 2>&1 || status=1
 tail -5 "$OUT/memcheck.log"; echo "memcheck: ${SECONDS}s"
 echo "== benchmarks"
 SECONDS=0
-timeout 180 $PY -m pytest benchmarks -q -p no:cacheprovider -k cuda -o python_files="bench_*.py" \
+# BENCH: which suites (default all); each suite's GPU cases only.
+BENCH=${BENCH:-benchmarks}
+timeout ${BENCH_TIMEOUT:-150} $PY -m pytest $BENCH -q -p no:cacheprovider -k cuda -o python_files="bench_*.py" \
   --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
 tail -3 "$OUT/bench.log"; echo "bench: ${SECONDS}s"
 [ -f "$OUT/bench.json" ] && $PY benchmarks/render.py "$OUT/bench.json" > "$OUT/bench.md" && cat "$OUT/bench.md"

@@ -112,8 +112,12 @@ def test_gradcheck(backend, device, on, padding, reduction):
 
     # The mask depends on the flow but is a constant of the loss by definition (no gradient), so
     # the flow gradient is checked numerically with V^0 = 1, and the prediction gradients with V.
-    assert torch.autograd.gradcheck(lambda a, b, c: f(a, b, c, 0), (pt, ptk, fl), eps=1e-6, atol=1e-6, rtol=1e-5)
-    assert torch.autograd.gradcheck(lambda a, b: f(a, b, fl.detach(), 1), (pt, ptk), eps=1e-6, atol=1e-6, rtol=1e-5)
+    # GPU kernels scatter with atomics: summation order, hence the last bits, may vary per run
+    nondet = 1e-12 if device == "cuda" else 0.0
+    assert torch.autograd.gradcheck(lambda a, b, c: f(a, b, c, 0), (pt, ptk, fl), eps=1e-6, atol=1e-6, rtol=1e-5,
+                                    nondet_tol=nondet)
+    assert torch.autograd.gradcheck(lambda a, b: f(a, b, fl.detach(), 1), (pt, ptk), eps=1e-6, atol=1e-6, rtol=1e-5,
+                                    nondet_tol=nondet)
 
 
 # ---------------------------------------------------------------- dtypes and shapes --------------
@@ -173,7 +177,8 @@ def test_zero_flow_is_identity(backend, device):
     pt, _, fl, it, _ = make_inputs(2, 5, 9, 10, dtype=torch.float32, device=device, seed=4)
     zero = torch.zeros_like(fl)
     loss = tcloss.temporal_loss(pt, pt, zero, it, it, reduction="none", backend=backend)
-    assert torch.count_nonzero(loss) == 0
+    # zero up to rounding: compiled GPU code may evaluate the two softmaxes in different orders
+    assert loss.abs().max() < 1e-12
     # with a different target, zero flow compares pixel with pixel, mask = 1 for equal images
     other = torch.randn_like(pt)
     loss = tcloss.temporal_loss(pt, other, zero, it, it, reduction="none", backend=backend)

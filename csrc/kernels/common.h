@@ -23,6 +23,12 @@ namespace tcloss {
 #endif
 TC_MATH(exp)
 TC_MATH(log)
+#if defined(__CUDA_ARCH__)
+// float exp/log on the GPU: the hardware approximations (2 ulp), well inside the float32
+// tolerances; float64 keeps the exact functions above.
+template <> __device__ __forceinline__ float m_exp<float>(float x) { return __expf(x); }
+template <> __device__ __forceinline__ float m_log<float>(float x) { return __logf(x); }
+#endif
 TC_MATH(sqrt)
 TC_MATH(fabs)
 TC_MATH(floor)

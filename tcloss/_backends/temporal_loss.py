@@ -1,10 +1,13 @@
 """torch.library glue of the temporal loss: fake (meta) kernels and autograd for the native op
 pair ``tcloss::temporal_loss_fwd/bwd`` and the Triton pair ``tcloss::temporal_loss_{fwd,bwd}_triton``.
 
-Autograd follows Liger-Kernel: for a scalar loss (mean/sum) the forward kernel already writes
-the gradients (scaled by the reduction), and backward only multiplies them by grad_output, so
-nothing but the gradients themselves is kept. For reduction="none" backward runs the bwd op,
-which recomputes everything from the inputs (no warped tensor, mask or softmax is saved).
+Autograd: the forward computes the loss only; backward runs the bwd op, which recomputes the
+per-pixel terms from the inputs and writes all gradients in one pass, scaled by grad_output
+inside the kernel. Nothing but the inputs is kept (no warped tensor, mask, softmax or early
+gradient). Computing the gradients already in the forward (Liger-Kernel's approach, which the
+fwd op still offers through its grad_* flags) measured no faster on an H200 once the
+grad_output scaling pass is counted, and held two gradient-sized tensors from the forward to
+the backward, so it is not used by autograd.
 """
 from __future__ import annotations
 
@@ -37,31 +40,15 @@ def _make_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
         pred_t, pred_tk, flow, img_t, img_tk, *args = inputs
         ctx.args = tuple(args[:5])  # on_prob, mask_mode, mask_power, zeros_padding, reduction
-        ctx.reduction = args[4]
-        ctx.flags = tuple(args[5:8])
-        if ctx.reduction == 0:
-            ctx.save_for_backward(pred_t, pred_tk, flow, img_t, img_tk)
-        else:
-            ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(pred_t, pred_tk, flow, img_t, img_tk)
 
     def backward(ctx, grad_loss, *_unused):
+        # One fused pass recomputes the per-pixel terms and writes every gradient, already
+        # multiplied by grad_loss (read in the kernel): nothing but the inputs is kept from the
+        # forward, and no second copy of the gradients is made.
         need = ctx.needs_input_grad[:3]
-        if ctx.reduction == 0:
-            pred_t, pred_tk, flow, img_t, img_tk = ctx.saved_tensors
-            grads = bwd_op(grad_loss, pred_t, pred_tk, flow, img_t, img_tk, *ctx.args, *need)
-            scale = None
-        else:
-            grads = ctx.saved_tensors
-            scale = grad_loss
-        out = []
-        for g, want, computed in zip(grads, need, ctx.flags if scale is not None else need):
-            if not want:
-                out.append(None)
-            elif not computed:
-                raise RuntimeError("tcloss: temporal_loss forward was run without the gradient for an input "
-                                   "that now needs one (was requires_grad set after the call?)")
-            else:
-                out.append(g * scale.to(g.dtype) if scale is not None else g)
+        grads = bwd_op(grad_loss, *ctx.saved_tensors, *ctx.args, *need)
+        out = [g if want else None for g, want in zip(grads, need)]
         return (*out, None, None, None, None, None, None, None, None, None, None)
 
     return setup_context, backward
