@@ -4,11 +4,18 @@ ECCV 2020). See README.md for the API and the backend table."""
 from . import _backends
 from ._backends import available_backends
 from ._backends import temporal_loss as _temporal_loss_glue
+from ._backends import pairwise as _pairwise_glue
+from ._backends import convlstm as _convlstm_glue
 from .functional import flow_warp, occlusion_mask, temporal_loss
+from .functional import pairwise_similarity_loss, pixelwise_kd
+from .functional import convlstm_cell
 
 _temporal_loss_glue.register()
+_pairwise_glue.register()
+_convlstm_glue.register()
 
 from . import metrics, nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["flow_warp", "occlusion_mask", "temporal_loss", "available_backends", "nn", "metrics", "reference"]
+__all__ = ["flow_warp", "occlusion_mask", "temporal_loss", "pairwise_similarity_loss", "pixelwise_kd", "convlstm_cell",
+           "available_backends", "nn", "metrics", "reference"]

@@ -8,8 +8,11 @@ import torch
 from . import reference
 from ._backends import resolve
 from ._backends import temporal_loss as _tl
+from ._backends import pairwise as _pw
+from ._backends import convlstm as _cl
 
-__all__ = ["flow_warp", "occlusion_mask", "temporal_loss"]
+__all__ = ["flow_warp", "occlusion_mask", "temporal_loss", "pairwise_similarity_loss", "pixelwise_kd",
+           "convlstm_cell"]
 
 
 def _check_tensor(name: str, t, ndim: int | None = None, floating: bool = True) -> None:
@@ -142,10 +145,207 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
                                        reduction=reduction)
     if detach_target:
         pred_tk = pred_tk.detach()
-    red = _tl.REDUCTION[reduction]
-    grad_on = torch.is_grad_enabled()
-    # Liger-style: for a scalar loss the forward kernel also writes the gradients it will need.
-    want = [grad_on and red != 0 and t.requires_grad for t in (pred_t, pred_tk, flow)]
+    # forward: the loss only (gradients come from one recomputing pass in backward)
     out = _tl.fwd_op(name)(pred_t, pred_tk, flow, img_t.detach(), img_tk.detach(), on == "prob",
-                           _tl.MASK_MODE[mask_mode], float(mask_power), padding == "zeros", red, *want)
+                           _tl.MASK_MODE[mask_mode], float(mask_power), padding == "zeros",
+                           _tl.REDUCTION[reduction], False, False, False)
     return out[0]
+
+
+def _check_pairwise_input(name: str, t, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in (3, 4):
+        raise ValueError(f"{name} must be (B,C,H,W) or (B,C,N), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if t.shape[1] < 1 or t.numel() == 0:
+        raise ValueError(f"{name} must have at least one channel and one pixel, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+
+
+def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, student_b: torch.Tensor | None = None,
+                             teacher_b: torch.Tensor | None = None, *, loss: str = "mse", temperature: float = 1.0,
+                             algorithm: str = "auto", detach_norm: bool = False, eps: float = 1e-8,
+                             backend: str = "auto") -> torch.Tensor:
+    """Pair-wise cosine-similarity distillation: SF "pa" loss and the PF loss (eq. 2) of Liu et al.
+
+    ``S[b,i,j] = cos(student_a[b,:,i], student_b[b,:,j])``, ``T`` likewise from the teachers, with
+    ``cos(x,y) = x.y / (max(|x|,eps) max(|y|,eps))`` over channels; pixels i of ``*_a`` index rows,
+    pixels j of ``*_b`` columns (``*_b`` default to ``*_a``: self-similarity).
+
+    * ``loss="mse"``: ``mean_{b,i,j} (S - T)^2`` (eq. 2 / eq. 5).
+    * ``loss="kl"``: ``mean_{b,i} KL(softmax_j(T_i/temperature) || softmax_j(S_i/temperature))``.
+
+    Args:
+        student_a, teacher_a: (B,C_s,H,W) / (B,C_t,H,W) or (B,C,N); channel counts may differ.
+        student_b, teacher_b: the column side (frame t+k for PF); N_b may differ from N_a.
+        algorithm: ``"blocked"`` (tiles of S and T computed on the fly and discarded, O(N C)
+            memory, both losses), ``"gram"`` (mse only: C x C Gram identity in float64,
+            O(N C^2)), ``"naive"`` (materialises S and T in PyTorch), ``"auto"`` (gram for mse
+            when C_s + C_t <= N/2, else blocked).
+        detach_norm: the norms are constants in backward (structured-distillation convention);
+            otherwise the gradient through the normalisation is exact.
+        backend: kernel of the blocked algorithm (``auto``/``cpp``/``cuda``/``triton``;
+            ``reference`` runs naive/gram only). gram and naive are PyTorch on every device.
+
+    Gradients flow into the students only; teachers that require grad are an error (detach them).
+    Returns float32 (float64 for float64 inputs).
+    """
+    _check_pairwise_input("student_a", student_a)
+    dev = student_a.device
+    _check_pairwise_input("teacher_a", teacher_a, dev)
+    if student_b is not None:
+        _check_pairwise_input("student_b", student_b, dev)
+    if teacher_b is not None:
+        _check_pairwise_input("teacher_b", teacher_b, dev)
+    sb_in = student_a if student_b is None else student_b
+    tb_in = teacher_a if teacher_b is None else teacher_b
+    B = student_a.shape[0]
+    flat = {}
+    for name, t in (("student_a", student_a), ("teacher_a", teacher_a), ("student_b", sb_in), ("teacher_b", tb_in)):
+        if t.shape[0] != B:
+            raise ValueError(f"{name} must have batch size {B} (that of student_a), got shape {tuple(t.shape)}")
+        flat[name] = t.reshape(t.shape[0], t.shape[1], -1)
+    Na, Nb = flat["student_a"].shape[2], flat["student_b"].shape[2]
+    if flat["teacher_a"].shape[2] != Na:
+        raise ValueError(f"teacher_a must have the pixels of student_a (N_a = {Na}), got shape {tuple(teacher_a.shape)}")
+    if flat["teacher_b"].shape[2] != Nb:
+        raise ValueError(f"teacher_b must have the pixels of student_b (N_b = {Nb}), got shape {tuple(tb_in.shape)}")
+    Cs, Ct = student_a.shape[1], teacher_a.shape[1]
+    if sb_in.shape[1] != Cs:
+        raise ValueError(f"student_b must have the channels of student_a (C_s = {Cs}), got shape {tuple(sb_in.shape)}")
+    if tb_in.shape[1] != Ct:
+        raise ValueError(f"teacher_b must have the channels of teacher_a (C_t = {Ct}), got shape {tuple(tb_in.shape)}")
+    if torch.is_grad_enabled():
+        for name, t in (("teacher_a", teacher_a), ("teacher_b", teacher_b)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad, but the teacher is a constant of the distillation loss: "
+                                 f"pass {name}.detach()")
+    _check_choice("loss", loss, reference.PAIRWISE_LOSSES)
+    _check_choice("algorithm", algorithm, reference.PAIRWISE_ALGORITHMS)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not isinstance(detach_norm, bool):
+        raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
+    if loss == "kl" and algorithm == "gram":
+        raise ValueError("algorithm='gram' is an identity for loss='mse' only; use 'blocked' or 'naive' for 'kl'")
+
+    # Mixed dtypes (e.g. an fp16 teacher): compute in the widest.
+    dt = student_a.dtype
+    for t in flat.values():
+        dt = torch.promote_types(dt, t.dtype)
+    sa, ta, sb, tb = (flat[k].to(dt) for k in ("student_a", "teacher_a", "student_b", "teacher_b"))
+    name = resolve("pairwise_similarity_loss", dev, backend)
+    alg = _pw.choose_algorithm(algorithm, loss, name, Na, Nb, Cs, Ct)
+    kw = dict(detach_norm=detach_norm, eps=float(eps))
+    sb_opt = None if student_b is None else sb
+    tb_opt = None if teacher_b is None else tb
+    if alg == "naive":
+        return reference.pairwise_similarity_loss(sa, ta, sb_opt, tb_opt, loss=loss, temperature=float(temperature), **kw)
+    if alg == "gram":
+        return reference.pairwise_similarity_loss_gram(sa, ta, sb_opt, tb_opt, **kw)
+    if name == "reference":
+        raise ValueError("algorithm='blocked' needs a kernel backend (cpp, cuda or triton); the reference backend "
+                         "implements 'naive' and 'gram'")
+    return _pw.fwd_op(name)(sa, ta.detach(), sb, tb.detach(), _pw.LOSS[loss], float(temperature), float(eps),
+                            detach_norm)[0]
+
+
+def pixelwise_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Pixel-wise distillation (the SF "pi" term): ``tau^2 * mean_pixels KL(softmax_C(T/tau) || softmax_C(S/tau))``.
+
+    Logits (B,C,H,W) or (B,C,N), classes on dim 1; the mean is over the B*H*W pixels. Computed
+    in float32 (float64 for float64 inputs); the teacher is a constant (must not require grad).
+    """
+    _check_tensor("student_logits", student_logits)
+    _check_tensor("teacher_logits", teacher_logits)
+    if student_logits.dim() < 2:
+        raise ValueError(f"student_logits must be (B,C,H,W) or (B,C,N), got shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
+                         f"got {tuple(teacher_logits.shape)}")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits must be on {student_logits.device}, got {teacher_logits.device}")
+    if teacher_logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError("teacher_logits requires grad, but the teacher is a constant of the distillation loss: "
+                         "pass teacher_logits.detach()")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    acc = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    logq = torch.log_softmax(student_logits.to(acc) / temperature, dim=1)
+    logp = torch.log_softmax(teacher_logits.to(acc) / temperature, dim=1)
+    kl = (logp.exp() * (logp - logq)).sum(1)
+    return kl.mean() * (temperature * temperature)
+
+
+def _check_peephole(peephole, Hd: int, H: int, W: int, device: torch.device) -> tuple:
+    if not isinstance(peephole, (tuple, list)) or len(peephole) != 3:
+        raise TypeError("peephole must be None or a tuple (w_i, w_f, w_o) of three tensors, got "
+                        f"{type(peephole).__name__}" + (f" of length {len(peephole)}" if isinstance(peephole, (tuple, list)) else ""))
+    for name, w in zip(("w_i", "w_f", "w_o"), peephole):
+        _check_tensor(f"peephole {name}", w)
+        ok = w.dim() <= 3
+        if ok:
+            try:
+                ok = torch.broadcast_shapes(tuple(w.shape), (Hd, H, W)) == (Hd, H, W)
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise ValueError(f"peephole {name} must be broadcastable to (Hd,h,w) = {(Hd, H, W)} (e.g. (Hd,h,w) or "
+                             f"(Hd,1,1)), got shape {tuple(w.shape)}")
+        if w.device != device:
+            raise ValueError(f"peephole {name} must be on {device}, got {w.device}")
+    return tuple(peephole)
+
+
+def convlstm_cell(gates: torch.Tensor, c: torch.Tensor, *, peephole=None, backend: str = "auto"):
+    """Fused pointwise part of one ConvLSTM step (eq. 6 of the supplement; Shi et al. 2015).
+
+    ``gates`` (B,4*Hd,h,w) are the pre-activations of one convolution over ``cat(x_t, h_{t-1})``
+    (computed by cuDNN/ATen, not here), in PyTorch's gate order i, f, g, o; ``c`` (B,Hd,h,w) is
+    the previous cell state. With ``peephole = (w_i, w_f, w_o)``, each broadcastable to (Hd,h,w)
+    (Hadamard peepholes (Hd,h,w), per-channel (Hd,1,1), ...)::
+
+        i = sigmoid(a_i + w_i*c)   f = sigmoid(a_f + w_f*c)   g = tanh(a_g)
+        c' = f*c + i*g             o = sigmoid(a_o + w_o*c')  h' = o*tanh(c')
+
+    Without peepholes the w terms vanish. Returns ``(h', c')`` in the promoted dtype of ``gates``
+    and ``c``; the math runs in float32 (float64 for float64). Differentiable w.r.t. ``gates``,
+    ``c`` and the peephole weights (their gradient is summed over the batch, and over the
+    broadcast dimensions, e.g. space for per-channel weights). The kernels save only their
+    inputs for backward and recompute the gates there; no double backward.
+
+    backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
+    """
+    _check_tensor("gates", gates, 4)
+    B, C4, H, W = gates.shape
+    if C4 == 0 or C4 % 4 != 0:
+        raise ValueError(f"gates must be (B,4*Hd,h,w) with gates i, f, g, o stacked on dim 1: the channel count "
+                         f"must be a positive multiple of 4, got shape {tuple(gates.shape)}")
+    Hd = C4 // 4
+    _check_tensor("c", c, 4)
+    if tuple(c.shape) != (B, Hd, H, W):
+        raise ValueError(f"c must have shape (B,Hd,h,w) = {(B, Hd, H, W)} to match gates {tuple(gates.shape)}, "
+                         f"got {tuple(c.shape)}")
+    if c.device != gates.device:
+        raise ValueError(f"c must be on {gates.device}, got {c.device}")
+    if peephole is not None:
+        peephole = _check_peephole(peephole, Hd, H, W, gates.device)
+    dt = torch.promote_types(gates.dtype, c.dtype)  # e.g. fp16 autocast gates with a float32 state
+    gates, c = gates.to(dt), c.to(dt)
+
+    name = resolve("convlstm_cell", gates.device, backend)
+    if name == "reference":
+        return reference.convlstm_cell(gates, c, peephole)
+    p = None
+    if peephole is not None:
+        # The kernels take one (3,Hd,h,w) tensor in the accumulation dtype (small next to the
+        # gates); expand's backward sums its gradient back to each weight's own shape.
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        p = torch.stack([w.to(acc).expand(Hd, H, W) for w in peephole])
+    h_new, c_new = _cl.fwd_op(name)(gates, c, p)
+    return h_new, c_new

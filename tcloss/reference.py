@@ -104,5 +104,126 @@ def released_code_temporal_loss(z_t, z_tk, flow, img_t, img_tk):
 
 # --- pair-wise cosine-similarity distillation (pairwise_similarity_loss) -----------------------
 
+PAIRWISE_LOSSES = ("mse", "kl")
+PAIRWISE_ALGORITHMS = ("auto", "blocked", "gram", "naive")
+
+
+def pairwise_normalize(x: torch.Tensor, eps: float = 1e-8, detach_norm: bool = False,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B,C,H,W) or (B,C,N) -> (B,N,C) rows ``x_i / max(||x_i||, eps)`` in ``dtype``.
+
+    ``detach_norm=True`` makes the norm a constant for autograd (the structured-distillation
+    code's convention)."""
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    if dtype is not None:
+        x = x.to(dtype)
+    x = x.transpose(1, 2)
+    n = torch.linalg.vector_norm(x, dim=2, keepdim=True)
+    if detach_norm:
+        n = n.detach()
+    return x / n.clamp_min(eps)
+
+
+def _pairwise_acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, student_b: torch.Tensor | None = None,
+                             teacher_b: torch.Tensor | None = None, loss: str = "mse", temperature: float = 1.0,
+                             detach_norm: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    """Naive pair-wise distillation (eq. 2 / eq. 5 of Liu et al.): materialises the N_a x N_b maps
+    ``S[b,i,j] = cos(student_a[b,:,i], student_b[b,:,j])`` and ``T`` (teacher) likewise, with
+    ``cos(x,y) = x.y / (max(|x|,eps) max(|y|,eps))``.
+
+    ``loss="mse"``: ``mean_{b,i,j} (S - T)^2``. ``loss="kl"``: ``mean_{b,i} KL(softmax_j(T_i/tau) ||
+    softmax_j(S_i/tau))`` (row-wise relational distillation, no tau^2 factor). ``*_b`` default to
+    ``*_a`` (self-similarity). Computed in float32 (float64 for float64 inputs).
+    """
+    acc = _pairwise_acc(student_a)
+    sa = pairwise_normalize(student_a, eps, detach_norm, acc)
+    ta = pairwise_normalize(teacher_a, eps, detach_norm, acc)
+    sb = sa if student_b is None else pairwise_normalize(student_b, eps, detach_norm, acc)
+    tb = ta if teacher_b is None else pairwise_normalize(teacher_b, eps, detach_norm, acc)
+    S = sa @ sb.transpose(1, 2)
+    T = ta @ tb.transpose(1, 2)
+    if loss == "mse":
+        return (S - T).pow(2).mean()
+    if loss == "kl":
+        logq = torch.log_softmax(S / temperature, dim=-1)
+        logp = torch.log_softmax(T / temperature, dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1).mean()
+    raise ValueError(f"loss must be one of {PAIRWISE_LOSSES}, got {loss!r}")
+
+
+def pairwise_similarity_loss_gram(student_a: torch.Tensor, teacher_a: torch.Tensor,
+                                  student_b: torch.Tensor | None = None, teacher_b: torch.Tensor | None = None,
+                                  detach_norm: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    """MSE pair-wise loss through C x C Gram matrices, never forming an N x N map.
+
+    With row-normalised A_s (N_a x C_s), B_s, A_t, B_t (S = A_s B_s^T, T = A_t B_t^T):
+    ``sum (S-T)^2 = <A_s^T A_s, B_s^T B_s> + <A_t^T A_t, B_t^T B_t> - 2 <A_s^T A_t, B_s^T B_t>``
+    (Frobenius products of C_s x C_s, C_t x C_t and C_s x C_t matrices): O(N C^2) instead of
+    O(N^2 C). The three terms nearly cancel when S ~ T, so the normalisation, the Gram matrices
+    and the contraction are all in float64 (relative error ~1e-16 x sum S^2 / sum (S-T)^2).
+    Backward is autograd through the same float64 matmuls (C x C products again).
+    """
+    acc = _pairwise_acc(student_a)
+    d = torch.float64
+    sa = pairwise_normalize(student_a, eps, detach_norm, d)
+    ta = pairwise_normalize(teacher_a, eps, detach_norm, d)
+    self_sim = student_b is None and teacher_b is None
+    sb = sa if student_b is None else pairwise_normalize(student_b, eps, detach_norm, d)
+    tb = ta if teacher_b is None else pairwise_normalize(teacher_b, eps, detach_norm, d)
+    B, Na, Nb = sa.shape[0], sa.shape[1], sb.shape[1]
+
+    def gram(x, y):  # (B,N,Cx),(B,N,Cy) -> (B,Cx,Cy)
+        return x.transpose(1, 2) @ y
+
+    g_ss_a, g_tt_a, g_st_a = gram(sa, sa), gram(ta, ta), gram(sa, ta)
+    if self_sim:
+        g_ss_b, g_tt_b, g_st_b = g_ss_a, g_tt_a, g_st_a
+    else:
+        g_ss_b, g_tt_b, g_st_b = gram(sb, sb), gram(tb, tb), gram(sb, tb)
+    total = (g_ss_a * g_ss_b).sum() + (g_tt_a * g_tt_b).sum() - 2.0 * (g_st_a * g_st_b).sum()
+    return (total / (B * Na * Nb)).to(acc)
+
 
 # --- ConvLSTM cell (convlstm_cell) -------------------------------------------------------------
+
+
+def convlstm_cell(gates: torch.Tensor, c: torch.Tensor, peephole=None):
+    """Pointwise part of one ConvLSTM step, eq. 6 of the supplement (Shi et al. 2015), unfused.
+
+    ``gates`` (B,4*Hd,h,w): pre-activations of the convolution over ``cat(x_t, h_{t-1})`` in
+    PyTorch's order i, f, g, o; ``c`` (B,Hd,h,w); ``peephole`` = ``(w_i, w_f, w_o)``, each
+    broadcastable to (Hd,h,w), or None::
+
+        i = sigmoid(a_i + w_i*c)   f = sigmoid(a_f + w_f*c)   g = tanh(a_g)
+        c' = f*c + i*g             o = sigmoid(a_o + w_o*c')  h' = o*tanh(c')
+
+    Computed in float32 (float64 for float64 inputs); returns (h', c') in the promoted dtype of
+    ``gates`` and ``c``.
+    """
+    dt = torch.promote_types(gates.dtype, c.dtype)
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    a_i, a_f, a_g, a_o = gates.to(acc).chunk(4, 1)
+    c = c.to(acc)
+    if peephole is None:
+        i = torch.sigmoid(a_i)
+        f = torch.sigmoid(a_f)
+    else:
+        w_i, w_f, w_o = (w.to(acc) for w in peephole)
+        i = torch.sigmoid(a_i + w_i * c)
+        f = torch.sigmoid(a_f + w_f * c)
+    c_new = f * c + i * torch.tanh(a_g)
+    o = torch.sigmoid(a_o if peephole is None else a_o + w_o * c_new)
+    h_new = o * torch.tanh(c_new)
+    return h_new.to(dt), c_new.to(dt)
+
+
+def mf_self_similarity(feat: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(B,C,H,W) -> (B,N,N), N = H*W: ``A[b,i,j] = x_i.x_j / (max(|x_i|,eps) max(|x_j|,eps))`` with
+    x_i = feat[b,:,i]: the self-similarity map A(F_t, F_t) of multi-frame distillation."""
+    x = feat.flatten(2)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+    return torch.bmm(x.transpose(1, 2), x)

@@ -30,7 +30,7 @@ OPS: dict[str, dict] = {
 AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
     "temporal_loss": ("cuda", "triton"),
     "convlstm_cell": ("cuda", "triton"),  # until measured on a GPU
-    "pairwise_similarity_loss": ("cuda", "triton"),  # not yet measured on a GPU
+    "pairwise_similarity_loss": ("cuda", "triton"),  # H200: cuda 1.2-1.3x faster at C=19, even at C=640
 }
 
 

@@ -71,6 +71,9 @@ def register() -> None:
         from . import pairwise_triton as pt
     except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
         return
+    # Explicit fakes: tracing the launcher instead would run the interpreter on fake tensors.
+    pt.pairwise_similarity_fwd_triton.register_fake(_fake_fwd)
+    pt.pairwise_similarity_bwd_triton.register_fake(_fake_bwd)
     sc, bw = _make_autograd(pt.pairwise_similarity_bwd_triton)
     pt.pairwise_similarity_fwd_triton.register_autograd(bw, setup_context=sc)
 
@@ -84,15 +87,16 @@ def fwd_op(backend: str):
     raise ValueError(backend)
 
 
-# Crossover of algorithm="auto" for loss="mse" (see benchmarks/bench_pairwise.py): the Gram
-# identity costs ~2 N (C_s+C_t)^2 float64 multiply-adds against ~6 N_a N_b (C_s+C_t) for the
-# blocked forward+backward, and is exact to ~1e-10 relative in float64, so it wins unless the
-# channel count is comparable to the number of pixels.
-GRAM_MAX_CHANNEL_RATIO = 0.5
+# Crossover of algorithm="auto" for loss="mse", measured on CPU (benchmarks/bench_pairwise.py,
+# forward+backward, 2 cores): gram (C x C identity, float64) vs blocked are even at
+# N = 256, C_s + C_t = 640 and gram wins by 2-8x from there on (N = 2304: 2.6 ms vs 21 ms at
+# C = 19+19, 32 ms vs 151 ms at C = 128+512). Gram costs ~2 N (C_s+C_t)^2 against
+# ~6 N_a N_b (C_s+C_t) for blocked, so the rule is on the ratio (C_s + C_t) / N.
+GRAM_MAX_CHANNEL_RATIO = 2.0
 
 
 def choose_algorithm(algorithm: str, loss: str, backend: str, Na: int, Nb: int, Cs: int, Ct: int) -> str:
-    """The algorithm a call runs: ``auto`` -> gram for mse when ``C_s + C_t <= 0.5 * min(N_a, N_b)``,
+    """The algorithm a call runs: ``auto`` -> gram for mse when ``C_s + C_t <= 2 * min(N_a, N_b)``,
     otherwise blocked (naive where no blocked kernel exists: the reference backend)."""
     if algorithm != "auto":
         return algorithm

@@ -1,0 +1,111 @@
+"""Pair-wise similarity distillation (SF pair-wise / PF, eq. 2) forward+backward: naive
+(materialises the N x N maps) vs gram (C x C identity, mse) vs blocked (each kernel backend),
+same inputs, time and peak extra memory in one run. Self-similarity of B=1 feature maps,
+student (C_s) vs teacher (C_t).
+
+GPU runs also record the executed FLOP rate of the blocked kernels (tile GEMMs including the
+backward's recomputation) and the peak extra memory as a multiple of the inputs' size. An
+implementation that runs out of memory is recorded as ``oom`` (CUDA: caught in process; CPU:
+the RSS child fails and the timing is skipped).
+
+    pytest benchmarks/bench_pairwise.py --benchmark-json=out.json
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tcloss
+from conftest import HAS_CUDA, backends_for, cpu_peak_extra, cuda_peak_extra, rss_rise, sync
+
+CHANNELS = [(19, 19), (128, 512)]  # predictions, features
+CPU_N = [576, 2304]
+GPU_N = [2304, 8192, 32768]
+
+
+def make(N, Cs, Ct, device, dtype=torch.float32, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = torch.randn(1, Cs, N, device=device, dtype=dtype, generator=g).requires_grad_()
+    t = torch.randn(1, Ct, N, device=device, dtype=dtype, generator=g)
+    return s, t
+
+
+def fwd_bwd(impl, loss, inputs):
+    s, t = inputs
+    s.grad = None
+    algorithm, backend = impl.split("-") if "-" in impl else (impl, "auto")
+    out = tcloss.pairwise_similarity_loss(s, t, loss=loss, algorithm=algorithm, backend=backend)
+    out.backward()
+    return out
+
+
+def cpu_rss_fwd_bwd(impl, loss, N, Cs, Ct):
+    """Entry point for the isolated child process (see conftest.cpu_peak_extra)."""
+    inputs = make(N, Cs, Ct, "cpu")
+    return rss_rise(lambda: fwd_bwd(impl, loss, inputs))
+
+
+def executed_flops(impl, loss, N, Cs, Ct):
+    """Multiply-adds x 2 of the blocked kernels: forward S,T tiles; backward (two owner passes for
+    self-similarity) recomputes S,T and multiplies G by the other side's student rows."""
+    if not impl.startswith("blocked"):
+        return None
+    nn = float(N) * N
+    return 2 * nn * ((Cs + Ct) + 2 * ((Cs + Ct) + Cs))
+
+
+def _impls(device, loss):
+    names = ["naive"] + (["gram"] if loss == "mse" else [])
+    names += [f"blocked-{b}" for b in backends_for("pairwise_similarity_loss", device) if b != "reference"]
+    return names
+
+
+def _params():
+    out = []
+    for loss in ("mse", "kl"):
+        for (cs, ct) in CHANNELS:
+            for n in CPU_N:
+                for impl in _impls("cpu", loss):
+                    out.append(pytest.param("cpu", impl, loss, n, cs, ct, id=f"cpu-{loss}-{impl}-N{n}-C{cs}x{ct}"))
+            if HAS_CUDA:
+                for n in GPU_N:
+                    for impl in _impls("cuda", loss):
+                        out.append(pytest.param("cuda", impl, loss, n, cs, ct,
+                                                id=f"cuda-{loss}-{impl}-N{n}-C{cs}x{ct}"))
+    return out
+
+
+@pytest.mark.parametrize("device,impl,loss,N,Cs,Ct", _params())
+def test_pairwise_fwd_bwd(benchmark, device_info, device, impl, loss, N, Cs, Ct):
+    inputs = make(N, Cs, Ct, device)
+    in_bytes = sum(x.numel() * x.element_size() for x in inputs)
+    benchmark.group = f"pairwise {loss} fwd+bwd {device} N={N} C={Cs}x{Ct}"
+    benchmark.extra_info.update(device_info)
+    benchmark.extra_info.update(op="pairwise_similarity_loss", pass_="fwd+bwd", impl=impl, loss=loss, N=N, Cs=Cs,
+                                Ct=Ct, device=device, input_bytes=in_bytes)
+
+    def step():
+        fwd_bwd(impl, loss, inputs)
+        sync(device)
+
+    if device == "cuda":
+        try:
+            step()  # warm-up (compiles Triton kernels, allocator)
+            peak = cuda_peak_extra(step)
+        except torch.cuda.OutOfMemoryError:
+            inputs[0].grad = None
+            torch.cuda.empty_cache()
+            benchmark.extra_info["peak_extra_bytes"] = "oom"
+            pytest.skip("out of memory (recorded)")
+    else:
+        step()
+        peak = cpu_peak_extra("bench_pairwise", "cpu_rss_fwd_bwd", impl, loss, N, Cs, Ct)
+        if peak is None:
+            benchmark.extra_info["peak_extra_bytes"] = "oom"
+    if peak is not None:
+        benchmark.extra_info["peak_extra_bytes"] = peak
+        benchmark.extra_info["peak_over_inputs"] = peak / in_bytes
+    benchmark.pedantic(step, rounds=5 if device == "cuda" else 3, warmup_rounds=1 if device == "cuda" else 0)
+    fl = executed_flops(impl, loss, N, Cs, Ct)
+    if fl is not None:
+        benchmark.extra_info["executed_TFLOPs"] = fl / benchmark.stats.stats.min / 1e12

@@ -1,0 +1,128 @@
+// Device-independent host side of the blocked pair-wise similarity ops: checks, normalisation
+// to unit rows (O(N C), the only copies made), allocation, the final reduction and the backward
+// through the normalisation. cpu/pairwise.cpp and cuda/pairwise.cu provide the tile loops.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ge.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+#include <utility>
+
+#include "kernels/pairwise.h"
+
+namespace tcloss {
+
+struct PWTensors {
+  PWParams P;
+  at::Tensor as, ats, bs, bts;  // unit rows (student a, teacher a, student b, teacher b) (B,N,C), accumulation dtype, contiguous
+  at::Tensor na, nb;          // norms of the student rows (B,N,1) (backward only)
+  at::Tensor rowloss;         // (B,Na) per-row sums (forward)
+  at::Tensor stats;           // (B,Na,2) lse of S_i/tau and T_i/tau (kl), else (0,)
+  at::Tensor ga, gb;          // (B,N,Cs) dL/d(unit student rows), undefined when not wanted
+};
+
+inline at::ScalarType pw_acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// (B,C,N) -> unit rows (B,N,C) contiguous in acc, and the norms (B,N,1).
+inline std::pair<at::Tensor, at::Tensor> pw_normalize(const at::Tensor& x, double eps, at::ScalarType acc) {
+  at::Tensor xt = x.to(acc).transpose(1, 2);
+  at::Tensor n = at::linalg_vector_norm(xt, 2, at::IntArrayRef{2}, /*keepdim=*/true, c10::nullopt);
+  return {at::div(xt, at::clamp_min(n, eps)).contiguous(), n};
+}
+
+// d/dx of x / max(|x|, eps) from g = d/d(unit row): (g - xh <xh,g>)/|x| where |x| >= eps (as
+// autograd through clamp_min), g/eps below; g / max(|x|,eps) with detach_norm. -> (B,C,N).
+inline at::Tensor pw_norm_backward(const at::Tensor& g, const at::Tensor& xh, const at::Tensor& n, double eps,
+                                   bool detach_norm, at::ScalarType dtype) {
+  at::Tensor nc = at::clamp_min(n, eps);
+  at::Tensor dx;
+  if (detach_norm) {
+    dx = at::div(g, nc);
+  } else {
+    at::Tensor dot = at::sum(at::mul(xh, g), at::IntArrayRef{2}, /*keepdim=*/true);
+    at::Tensor full = at::div(at::sub(g, at::mul(xh, dot)), nc);
+    dx = at::where(at::ge(n, eps), full, at::div(g, nc));
+  }
+  return dx.transpose(1, 2).to(dtype).contiguous();
+}
+
+inline PWTensors pw_prepare(const at::Tensor& sa, const at::Tensor& ta, const at::Tensor& sb, const at::Tensor& tb,
+                            int64_t loss, double temperature, double eps, bool keep_norms) {
+  TORCH_CHECK(sa.dim() == 3 && ta.dim() == 3 && sb.dim() == 3 && tb.dim() == 3,
+              "tcloss: pairwise_similarity inputs must be (B,C,N)");
+  const int64_t B = sa.size(0), Cs = sa.size(1), Na = sa.size(2), Ct = ta.size(1), Nb = sb.size(2);
+  TORCH_CHECK(ta.size(0) == B && sb.size(0) == B && tb.size(0) == B, "tcloss: pairwise_similarity: batch mismatch");
+  TORCH_CHECK(ta.size(2) == Na, "tcloss: teacher_a must have N_a = ", Na, " pixels, got ", ta.sizes());
+  TORCH_CHECK(tb.size(2) == Nb, "tcloss: teacher_b must have N_b = ", Nb, " pixels, got ", tb.sizes());
+  TORCH_CHECK(sb.size(1) == Cs && tb.size(1) == Ct, "tcloss: the b side must have the channels of the a side");
+  TORCH_CHECK(Cs >= 1 && Ct >= 1 && Na >= 1 && Nb >= 1, "tcloss: pairwise_similarity needs C >= 1 and N >= 1");
+  TORCH_CHECK(loss == kPairwiseMSE || loss == kPairwiseKL, "tcloss: loss must be 0 (mse) or 1 (kl)");
+  TORCH_CHECK(temperature > 0, "tcloss: temperature must be positive");
+  TORCH_CHECK(eps >= 0, "tcloss: eps must be non-negative");
+  for (const auto* t : {&ta, &sb, &tb}) {
+    TORCH_CHECK(t->device() == sa.device(), "tcloss: all inputs must be on ", sa.device());
+    TORCH_CHECK(t->scalar_type() == sa.scalar_type(), "tcloss: all inputs must share a dtype");
+  }
+  const auto acc = pw_acc_type(sa.scalar_type());
+  PWTensors T;
+  const double terms = static_cast<double>(B) * static_cast<double>(Na) * (loss == kPairwiseMSE ? Nb : 1);
+  T.P = PWParams{B, Na, Nb, Cs, Ct, static_cast<int>(loss), 1.0 / temperature, 1.0 / terms};
+  std::tie(T.as, T.na) = pw_normalize(sa, eps, acc);
+  std::tie(T.bs, T.nb) = pw_normalize(sb, eps, acc);
+  T.ats = pw_normalize(ta, eps, acc).first;
+  T.bts = pw_normalize(tb, eps, acc).first;
+  if (!keep_norms) {
+    T.na = at::Tensor();
+    T.nb = at::Tensor();
+  }
+  return T;
+}
+
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor> pairwise_fwd_impl(Run run, const at::Tensor& sa, const at::Tensor& ta,
+                                                     const at::Tensor& sb, const at::Tensor& tb, int64_t loss,
+                                                     double temperature, double eps, bool /*detach_norm*/) {
+  PWTensors T = pw_prepare(sa, ta, sb, tb, loss, temperature, eps, false);
+  auto opts = T.as.options();
+  T.rowloss = at::empty({T.P.B, T.P.Na}, opts);
+  T.stats = loss == kPairwiseKL ? at::empty({T.P.B, T.P.Na, 2}, opts) : at::empty({0}, opts);
+  run(T);
+  return {at::div(at::sum(T.rowloss), 1.0 / T.P.scale), T.stats};
+}
+
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor> pairwise_bwd_impl(Run run, const at::Tensor& grad, const at::Tensor& sa,
+                                                     const at::Tensor& ta, const at::Tensor& sb, const at::Tensor& tb,
+                                                     const at::Tensor& stats, int64_t loss, double temperature,
+                                                     double eps, bool detach_norm, bool grad_a, bool grad_b) {
+  TORCH_CHECK(grad.numel() == 1, "tcloss: pairwise_similarity_bwd: grad must be a scalar");
+  PWTensors T = pw_prepare(sa, ta, sb, tb, loss, temperature, eps, true);
+  auto opts = T.as.options();
+  if (loss == kPairwiseKL) {
+    TORCH_CHECK(stats.dim() == 3 && stats.size(0) == T.P.B && stats.size(1) == T.P.Na && stats.size(2) == 2,
+                "tcloss: pairwise_similarity_bwd: stats must be (B,Na,2) for kl, got ", stats.sizes());
+    T.stats = stats.to(T.as.scalar_type()).contiguous();
+  }
+  if (grad_a) T.ga = at::zeros({T.P.B, T.P.Na, T.P.Cs}, opts);
+  if (grad_b) T.gb = at::zeros({T.P.B, T.P.Nb, T.P.Cs}, opts);
+  run(T);
+  at::Tensor g = grad.to(T.as.scalar_type()).reshape({});  // dL/dloss, applied without a host sync
+  at::Tensor da = grad_a ? pw_norm_backward(at::mul(T.ga, g), T.as, T.na, eps, detach_norm, sa.scalar_type())
+                         : at::empty({0}, sa.options());
+  at::Tensor db = grad_b ? pw_norm_backward(at::mul(T.gb, g), T.bs, T.nb, eps, detach_norm, sb.scalar_type())
+                         : at::empty({0}, sb.options());
+  return {da, db};
+}
+
+}  // namespace tcloss

@@ -1,0 +1,360 @@
+"""Pair-wise similarity distillation (SF pair-wise / PF, eq. 2): every backend and algorithm
+against the naive float64 reference, gradients, dtypes, edge shapes and bad inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tcloss
+from tcloss import reference as R
+from tcloss._backends import _status, triton_interpret
+from tcloss._backends import pairwise as pw
+
+from conftest import kernel_params
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = triton_interpret()
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+triton_ok = pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def _avail(backend, device):
+    return _status(backend, "pairwise_similarity_loss", device)[0]
+
+
+# (backend, device) pairs of the blocked kernels: cpp, triton-interp, cuda, triton-cuda.
+KERNELS = kernel_params("pairwise_similarity_loss")
+
+
+def make(B=2, Cs=5, Ct=7, Na=13, Nb=None, dtype=torch.float64, device="cpu", seed=0, spatial=False):
+    g = torch.Generator().manual_seed(seed)
+    Nb = Na if Nb is None else Nb
+
+    def t(C, N):
+        x = torch.randn(B, C, N, generator=g, dtype=torch.float64)
+        if spatial and N % 2 == 0:
+            x = x.reshape(B, C, 2, N // 2)
+        return x.to(dtype).to(device)
+
+    sa, ta, sb, tb = t(Cs, Na), t(Ct, Na), t(Cs, Nb), t(Ct, Nb)
+    return sa.requires_grad_(), ta, sb.requires_grad_(), tb
+
+
+def ref64(sa, ta, sb, tb, **kw):
+    """Naive reference in float64 on the same (possibly low-precision) inputs."""
+    d = lambda x: None if x is None else x.detach().double().requires_grad_(x.requires_grad)  # noqa: E731
+    a, b = d(sa), d(sb)
+    loss = R.pairwise_similarity_loss(a, d(ta), b, d(tb), **kw)
+    ins = [x for x in (a, b) if x is not None]
+    return loss, torch.autograd.grad(loss, ins)
+
+
+def run(sa, ta, sb, tb, **kw):
+    loss = tcloss.pairwise_similarity_loss(sa, ta, sb, tb, **kw)
+    ins = [x for x in (sa, sb) if x is not None]
+    return loss, torch.autograd.grad(loss, ins)
+
+
+# ------------------------------------------------------------------------- semantics
+
+
+def test_naive_reference_matches_definition():
+    """A true cosine with eps on each norm (not the released code's swapped norms)."""
+    sa, ta, sb, tb = make(B=1, Cs=3, Ct=4, Na=4, Nb=3)
+    sa = sa.detach()
+    sa[0, :, 1] = 0  # zero vector: cos = 0 thanks to eps
+    eps = 1e-8
+    S = torch.empty(1, 4, 3, dtype=torch.float64)
+    T = torch.empty_like(S)
+    for i in range(4):
+        for j in range(3):
+            x, y = sa[0, :, i], sb[0, :, j].detach()
+            S[0, i, j] = x @ y / (max(x.norm(), eps) * max(y.norm(), eps))
+            x, y = ta[0, :, i], tb[0, :, j]
+            T[0, i, j] = x @ y / (max(x.norm(), eps) * max(y.norm(), eps))
+    got = R.pairwise_similarity_loss(sa, ta, sb.detach(), tb)
+    torch.testing.assert_close(got, ((S - T) ** 2).mean())
+    tau = 0.5
+    p, q = torch.softmax(T / tau, -1), torch.softmax(S / tau, -1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(R.pairwise_similarity_loss(sa, ta, sb.detach(), tb, loss="kl", temperature=tau), kl)
+
+
+@pytest.mark.parametrize("detach_norm", [False, True])
+@pytest.mark.parametrize("rect", [False, True])
+def test_gram_matches_naive_float64(detach_norm, rect):
+    sa, ta, sb, tb = make(Na=11, Nb=7 if rect else None)
+    if not rect:
+        sb = tb = None
+    l1, g1 = ref64(sa, ta, sb, tb, detach_norm=detach_norm)
+    l2, g2 = run(sa, ta, sb, tb, algorithm="gram", detach_norm=detach_norm)
+    torch.testing.assert_close(l2, l1, atol=1e-14, rtol=1e-12)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=1e-10)
+
+
+def test_gram_cancellation_error_bounded():
+    """The three Gram terms cancel when S ~ T: with student = teacher + 1e-3 noise the float64
+    contraction keeps the relative error of the loss below 1e-7 even for float32 inputs (a
+    float32 Gram would be off by ~10-100 %)."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(2, 16, 24, 24, generator=g)
+    s = (t + 1e-3 * torch.randn(t.shape, generator=g)).requires_grad_()
+    exact = R.pairwise_similarity_loss(s.detach().double(), t.double())
+    got = tcloss.pairwise_similarity_loss(s, t, algorithm="gram")
+    assert exact.item() > 0
+    assert abs(got.item() - exact.item()) / exact.item() < 1e-7
+    # Gradient: same order of accuracy.
+    (gg,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_()
+    (ge,) = torch.autograd.grad(R.pairwise_similarity_loss(s64, t.double()), s64)
+    assert ((gg.double() - ge).norm() / ge.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_naive_gradcheck(loss):
+    sa, ta, sb, tb = make(B=1, Cs=2, Ct=3, Na=4, Nb=3)
+    f = lambda a, b: R.pairwise_similarity_loss(a, ta, b, tb, loss=loss, temperature=0.6)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (sa, sb))
+
+
+def test_gram_gradcheck():
+    sa, ta, sb, tb = make(B=1, Cs=2, Ct=3, Na=4, Nb=3)
+    f = lambda a, b: tcloss.pairwise_similarity_loss(a, ta, b, tb, algorithm="gram")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (sa, sb))
+
+
+# ------------------------------------------------------------------------- blocked kernels
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+@pytest.mark.parametrize("detach_norm", [False, True])
+@pytest.mark.parametrize("shape", ["self", "rect"])
+def test_blocked_float64(backend, device, loss, detach_norm, shape):
+    """Rectangular N_a != N_b, C_s != C_t, odd N (not a multiple of any tile), batch > 1."""
+    if shape == "self":
+        sa, ta, _, _ = make(B=2, Cs=5, Ct=3, Na=37, device=device, spatial=False)
+        sb = tb = None
+    else:
+        sa, ta, sb, tb = make(B=2, Cs=3, Ct=6, Na=29, Nb=18, device=device, spatial=True)
+    kw = dict(loss=loss, temperature=0.7, detach_norm=detach_norm)
+    l_ref, g_ref = ref64(sa, ta, sb, tb, **kw)
+    l, g = run(sa, ta, sb, tb, algorithm="blocked", backend=backend, **kw)
+    assert l.dtype == torch.float64
+    torch.testing.assert_close(l, l_ref, atol=1e-13, rtol=1e-11)
+    for a, b in zip(g, g_ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_blocked_gradcheck(backend, device, loss):
+    sa, ta, sb, tb = make(B=1 if backend == "triton" else 2, Cs=2, Ct=3, Na=3, Nb=4, device=device)
+    # (detach_norm=True is deliberately not the derivative: checked against the reference above.)
+    f = lambda a, b: tcloss.pairwise_similarity_loss(a, ta, b, tb, loss=loss, temperature=1.3,  # noqa: E731
+                                                     algorithm="blocked", backend=backend)
+    assert torch.autograd.gradcheck(f, (sa, sb))
+    # Self-similarity: student_a enters as both rows and columns; autograd adds both gradients.
+    f = lambda a: tcloss.pairwise_similarity_loss(a, ta, loss=loss, algorithm="blocked", backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (sa,))
+
+
+TOL = {  # (atol, rtol) of loss and gradients against float64 on the same inputs
+    torch.float32: (1e-6, 1e-4),
+    torch.float16: (1e-5, 1e-2),
+    torch.bfloat16: (1e-4, 2e-2),
+}
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_blocked_low_precision(backend, device, dtype, loss):
+    small = backend == "triton" and device == "cpu"  # the interpreter is slow
+    sa, ta, sb, tb = make(B=2, Cs=8, Ct=16, Na=21 if small else 70, Nb=18 if small else 45, device=device,
+                          dtype=dtype)
+    kw = dict(loss=loss, temperature=0.5)
+    l_ref, g_ref = ref64(sa, ta, sb, tb, **kw)
+    l, g = run(sa, ta, sb, tb, algorithm="blocked", backend=backend, **kw)
+    assert l.dtype == torch.float32
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(l.double(), l_ref, atol=atol, rtol=rtol)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == dtype
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, atol=atol + rtol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_blocked_edge_shapes(backend, device):
+    """N = 1, C = 1, a zero feature vector (finite thanks to eps), non-contiguous inputs."""
+    for loss in ("mse", "kl"):
+        # N = 1 on both sides, C = 1
+        sa, ta, sb, tb = make(B=1, Cs=1, Ct=1, Na=1, Nb=1, device=device)
+        l_ref, g_ref = ref64(sa, ta, sb, tb, loss=loss)
+        l, g = run(sa, ta, sb, tb, loss=loss, algorithm="blocked", backend=backend)
+        torch.testing.assert_close(l, l_ref)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b)
+        # zero vectors in student and teacher
+        sa, ta, sb, tb = make(B=2, Cs=1, Ct=3, Na=9, Nb=5, device=device)
+        with torch.no_grad():
+            sa[0, :, 2] = 0
+            sb[1, :, 0] = 0
+            ta[1, :, 4] = 0
+        l_ref, g_ref = ref64(sa, ta, sb, tb, loss=loss)
+        l, g = run(sa, ta, sb, tb, loss=loss, algorithm="blocked", backend=backend)
+        assert torch.isfinite(l) and all(torch.isfinite(x).all() for x in g)
+        torch.testing.assert_close(l, l_ref)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b)
+    # non-contiguous: channels-last-like permutation and a strided slice
+    base = torch.randn(2, 6, 5, 4, dtype=torch.float64, device=device)
+    sa = base.permute(0, 1, 3, 2).requires_grad_()  # (2,6,4,5) non-contiguous
+    ta = torch.randn(2, 12, 4, 5, dtype=torch.float64, device=device)[:, ::2]
+    assert not sa.is_contiguous() and not ta.is_contiguous()
+    l_ref, g_ref = ref64(sa, ta, None, None, loss="kl")
+    l, g = run(sa, ta, None, None, loss="kl", algorithm="blocked", backend=backend)
+    torch.testing.assert_close(l, l_ref)
+    torch.testing.assert_close(g[0], g_ref[0])
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_opcheck(backend, device):
+    sa, ta, sb, tb = make(B=2, Cs=3, Ct=4, Na=7, Nb=5, device=device, dtype=torch.float32)
+    sa, sb = sa.detach().requires_grad_(), sb.detach().requires_grad_()
+    if backend == "triton":
+        from tcloss._backends import pairwise_triton as pt
+        op = pt.pairwise_similarity_fwd_triton
+    else:
+        op = torch.ops.tcloss.pairwise_similarity_fwd.default
+    # The Triton interpreter cannot run kernels on the functional tensors of aot_dispatch: on CPU
+    # only the schema/fake/autograd-registration checks; everything on a GPU.
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration") if (
+        backend == "triton" and device == "cpu") else None
+    for loss in (0, 1):
+        torch.library.opcheck(op, (sa, ta, sb, tb, loss, 0.8, 1e-8, False),
+                              **({"test_utils": utils} if utils else {}))
+    _, stats = op(sa, ta, sb, tb, 1, 0.8, 1e-8, False)
+    g = torch.ones((), device=device)
+    if backend == "triton":
+        bwd = pt.pairwise_similarity_bwd_triton
+    else:
+        bwd = torch.ops.tcloss.pairwise_similarity_bwd.default
+    torch.library.opcheck(bwd,
+                          (g, sa.detach(), ta, sb.detach(), tb, stats, 1, 0.8, 1e-8, False, True, True),
+                          test_utils=("test_schema", "test_faketensor"))  # bwd has no autograd of its own
+
+
+@pytest.mark.skipif(not _avail("cpp", "cpu"), reason="tcloss._C not built")
+def test_torch_compile_fullgraph():
+    sa, ta, sb, tb = make(B=1, Cs=2, Ct=3, Na=6, Nb=4, dtype=torch.float32)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def f(a, t, b, u):
+        return tcloss.pairwise_similarity_loss(a, t, b, u, loss="kl", algorithm="blocked", backend="cpp")
+
+    l = f(sa, ta, sb, tb)
+    l.backward()
+    l_ref, g_ref = ref64(sa, ta, sb, tb, loss="kl")
+    torch.testing.assert_close(l.double(), l_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sa.grad.double(), g_ref[0], atol=1e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- API
+
+
+def test_auto_algorithm_rule():
+    assert pw.choose_algorithm("auto", "mse", "cpp", 2304, 2304, 19, 19) == "gram"
+    assert pw.choose_algorithm("auto", "mse", "cpp", 2304, 2304, 128, 512) == "gram"
+    assert pw.choose_algorithm("auto", "mse", "cpp", 64, 64, 128, 512) == "blocked"
+    assert pw.choose_algorithm("auto", "kl", "cpp", 2304, 2304, 19, 19) == "blocked"
+    assert pw.choose_algorithm("auto", "kl", "reference", 2304, 2304, 19, 19) == "naive"
+    assert pw.choose_algorithm("naive", "mse", "cpp", 2304, 2304, 19, 19) == "naive"
+
+
+def test_auto_matches_reference_both_losses():
+    sa, ta, sb, tb = make(Na=40, Nb=30, Cs=4, Ct=4)
+    for loss in ("mse", "kl"):
+        l_ref, g_ref = ref64(sa, ta, sb, tb, loss=loss)
+        l, g = run(sa, ta, sb, tb, loss=loss)
+        torch.testing.assert_close(l, l_ref)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b)
+
+
+def test_nn_module_and_mixed_dtypes():
+    m = tcloss.nn.PairwiseSimilarityLoss(loss="kl", temperature=0.5)
+    assert "kl" in repr(m)
+    sa, ta, sb, tb = make(dtype=torch.float32)
+    l = m(sa, ta.half(), sb, tb.half())  # an fp16 teacher: computed in float32
+    l_ref, _ = ref64(sa, ta.half(), sb, tb.half(), loss="kl", temperature=0.5)
+    torch.testing.assert_close(l.double(), l_ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss"):
+        tcloss.nn.PairwiseSimilarityLoss(loss="l1")
+    with pytest.raises(ValueError, match="gram"):
+        tcloss.nn.PairwiseSimilarityLoss(loss="kl", algorithm="gram")
+    with pytest.raises(ValueError, match="temperature"):
+        tcloss.nn.PairwiseSimilarityLoss(temperature=0)
+
+
+def test_bad_inputs():
+    sa, ta, sb, tb = make()
+    f = tcloss.pairwise_similarity_loss
+    with pytest.raises(ValueError, match="batch"):
+        f(sa, ta[:1])
+    with pytest.raises(ValueError, match="teacher_a must have the pixels"):
+        f(sa, ta[..., :-1])
+    with pytest.raises(ValueError, match="teacher_b must have the pixels"):
+        f(sa, ta, sb, tb[..., :-1])
+    with pytest.raises(ValueError, match="channels"):
+        f(sa, ta, sb[:, :-1], tb)
+    with pytest.raises(ValueError, match=r"\(B,C,H,W\) or \(B,C,N\)"):
+        f(sa[0], ta[0])
+    with pytest.raises(TypeError, match="floating"):
+        f(sa, ta.long())
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        f(sa, 3.0)
+    with pytest.raises(ValueError, match="requires grad"):
+        f(sa, ta.clone().requires_grad_())
+    with pytest.raises(ValueError, match="loss"):
+        f(sa, ta, loss="l2")
+    with pytest.raises(ValueError, match="algorithm"):
+        f(sa, ta, algorithm="fast")
+    with pytest.raises(ValueError, match="only"):
+        f(sa, ta, loss="kl", algorithm="gram")
+    with pytest.raises(ValueError, match="temperature"):
+        f(sa, ta, temperature=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        f(sa, ta, eps=-1.0)
+    with pytest.raises(ValueError, match="kernel backend"):
+        f(sa, ta, algorithm="blocked", backend="reference")
+    with pytest.raises(ValueError, match="backend"):
+        f(sa, ta, backend="nope")
+
+
+def test_pixelwise_kd():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 5, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 2, 3, generator=g, dtype=torch.float64)
+    tau = 2.0
+    got = tcloss.pixelwise_kd(s, t, temperature=tau)
+    ls = torch.log_softmax(s / tau, 1).permute(0, 2, 3, 1).reshape(-1, 5)
+    lt = torch.log_softmax(t / tau, 1).permute(0, 2, 3, 1).reshape(-1, 5)
+    want = torch.nn.functional.kl_div(ls, lt, log_target=True, reduction="batchmean") * tau**2
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda x: tcloss.pixelwise_kd(x, t, temperature=tau), (s,))
+    m = tcloss.nn.PixelwiseKD(temperature=tau)
+    torch.testing.assert_close(m(s, t), want)
+    with pytest.raises(ValueError, match="shape"):
+        tcloss.pixelwise_kd(s, t[:, :4])
+    with pytest.raises(ValueError, match="requires grad"):
+        tcloss.pixelwise_kd(s, t.clone().requires_grad_())
+    with pytest.raises(ValueError, match="temperature"):
+        tcloss.nn.PixelwiseKD(temperature=0.0)
+    assert math.isfinite(tcloss.pixelwise_kd(s.float(), t.float()).item())
