@@ -10,9 +10,16 @@ import sys
 from collections import defaultdict
 
 
+def label(row):
+    e = row["extra_info"]
+    return e.get("backend") or e.get("impl") or row["name"]
+
+
 def fmt_bytes(n):
     if n is None:
         return "n/a"
+    if isinstance(n, str):  # e.g. "oom" recorded by a suite
+        return n
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -37,19 +44,21 @@ def render(paths):
             lines.append(f"GPU: {info0['gpu']} (copy bandwidth {info0.get('copy_bandwidth_GBps', 0):.0f} GB/s), "
                          f"torch {info0.get('torch')}")
         lines.append(f"\n### {g}\n")
-        ref = next((r for r in rows if r["extra_info"].get("backend") == "reference"), None)
+        # the baseline row: the reference backend, or the naive algorithm (pair-wise suite)
+        ref = next((r for r in rows if label(r) in ("reference", "naive")), None)
         has_bw = any("achieved_GBps" in r["extra_info"] for r in rows)
         head = "| backend | mean time | min time | speed-up vs reference | peak extra memory | memory vs reference |"
         if has_bw:
             head += " achieved GB/s | of copy bandwidth |"
         lines.append(head)
-        lines.append("|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1))
+        lines.append("|" + "---|" * (head.count("|") - 1))
         for r in rows:
             e, s = r["extra_info"], r["stats"]
             speed = f"{ref['stats']['mean'] / s['mean']:.2f}x" if ref else "n/a"
             pm, rm = e.get("peak_extra_bytes"), (ref or {}).get("extra_info", {}).get("peak_extra_bytes")
-            mem = f"{pm / rm:.2f}" if pm is not None and rm else "n/a"
-            row = f"| {e.get('backend')} | {s['mean'] * 1e3:.2f} ms | {s['min'] * 1e3:.2f} ms | {speed} | {fmt_bytes(pm)} | {mem} |"
+            numeric = isinstance(pm, (int, float)) and isinstance(rm, (int, float)) and rm
+            mem = f"{pm / rm:.2f}" if numeric else "n/a"
+            row = f"| {label(r)} | {s['mean'] * 1e3:.2f} ms | {s['min'] * 1e3:.2f} ms | {speed} | {fmt_bytes(pm)} | {mem} |"
             if has_bw:
                 row += f" {e.get('achieved_GBps', 0):.0f} | {100 * e.get('fraction_of_copy_bw', 0):.0f}% |"
             lines.append(row)

@@ -444,3 +444,16 @@ def test_available_backends_and_env_override():
     env = dict(os.environ, TCLOSS_BACKEND="reference")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "reference"
+
+
+def test_cpp_float32_gradients_are_deterministic():
+    """The CPU kernel parallelises its scatter over channels: no atomics, bitwise repeatable."""
+    if not tcloss._backends._status("cpp", "temporal_loss", "cpu")[0]:
+        pytest.skip("no native CPU kernel")
+    inputs = make_inputs(1, 7, 33, 40, dtype=torch.float32, flow_scale=6.0, seed=21)
+    first = run("cpp", inputs)
+    for _ in range(2):
+        again = run("cpp", inputs)
+        assert torch.equal(first[0], again[0])
+        for a, b in zip(first[1], again[1]):
+            assert torch.equal(a, b)

@@ -1,12 +1,12 @@
-// C++ CPU kernels of the fused temporal loss: at::parallel_for over rows, per-pixel math from
-// kernels/temporal_loss.h (the same functions the CUDA kernel runs).
-//
-// CPU-specific: the exponentials. Per chunk of pixels the softmax arguments (pred_t and the four
-// bilinear corners of pred_tk, minus their per-pixel log-sum-exp) are gathered into one buffer
-// and exponentiated by one vectorised loop (a Cephes-style expf, ~1 ulp, multiversioned for
-// AVX2), then the shared per-pixel function reads q from that buffer. The scatter into
-// d pred_tk is race-free: plain adds when one thread owns each batch item (or runs alone),
-// lock-free compare-and-swap adds otherwise.
+// C++ CPU kernels of the fused temporal loss: at::parallel_for over rows, math from
+// kernels/temporal_loss.h (the same functions the CUDA kernel runs). float64 runs the GPU's
+// per-pixel orchestration verbatim (its scatter into d pred_tk: plain adds when one thread owns
+// each batch item or runs alone, lock-free compare-and-swap adds otherwise);
+// float/half/bfloat16 run a blocked one (run_blocked) that walks channel planes in order,
+// exponentiates gathered softmax arguments with one vectorised loop (a Cephes-style expf,
+// ~1 ulp, multiversioned for AVX2) and parallelises the scatter over channels (race-free and
+// deterministic without atomics). Both call the same per-channel pieces
+// (tl_channel_accumulate / tl_channel_grads).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -113,10 +113,11 @@ void lse_pass(const TLTensors& T) {
   });
 }
 
+// The GPU's orchestration, verbatim: one pixel at a time (used for float64, so the float64
+// tests, gradcheck included, run exactly the per-pixel code of the CUDA kernel).
 template <typename scalar_t, typename acc_t, typename Add>
-void rows(const TLTensors& T, int64_t row_lo, int64_t row_hi, Add add) {
+void rows_per_pixel(const TLTensors& T, int64_t row_lo, int64_t row_hi, Add add) {
   const TLParams& P = T.P;
-  const int64_t HW = P.H * P.W, C = P.C;
   const acc_t* grad = T.grad.defined() ? T.grad.data_ptr<acc_t>() : nullptr;
   const bool grad_map = grad && T.grad.numel() > 1;
   const acc_t mul = static_cast<acc_t>(T.grad_mul);
@@ -126,53 +127,149 @@ void rows(const TLTensors& T, int64_t row_lo, int64_t row_hi, Add add) {
   acc_t* gptk = T.g_ptk_acc.defined() ? T.g_ptk_acc.data_ptr<acc_t>() : nullptr;
   acc_t* gfl = T.g_flow.defined() ? T.g_flow.data_ptr<acc_t>() : nullptr;
   acc_t* loss = T.loss_map.data_ptr<acc_t>();
-  const scalar_t* pt = T.pt.data_ptr<scalar_t>();
-  const scalar_t* ptk = T.ptk.data_ptr<scalar_t>();
-  const acc_t* flow = T.flow.data_ptr<acc_t>();
-  const acc_t* it = T.it.data_ptr<acc_t>();
-  const acc_t* itk = T.itk.data_ptr<acc_t>();
-  // q of a chunk of pixels: [pixel][q_t (C) | corner 0..3 (C each)]
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(P.W, 8192 / (5 * C)));
-  std::vector<acc_t> q(chunk * 5 * C);
-  std::vector<uint8_t> invalid(chunk * 4);
   for (int64_t r = row_lo; r < row_hi; ++r) {
-    const int64_t b = r / P.H, y = r % P.H;
-    const scalar_t* pt_b = pt + b * C * HW;
-    const scalar_t* ptk_b = ptk + b * C * HW;
-    for (int64_t x0 = 0; x0 < P.W; x0 += chunk) {
-      const int64_t n = std::min(chunk, P.W - x0);
-      for (int64_t j = 0; j < n; ++j) {  // gather the softmax arguments
-        const int64_t x = x0 + j, pix = y * P.W + x;
-        acc_t* qj = q.data() + j * 5 * C;
-        const acc_t l = P.on_prob ? lt[b * HW + pix] : acc_t(0);
-        for (int64_t c = 0; c < C; ++c) qj[c] = static_cast<acc_t>(pt_b[c * HW + pix]) - l;
-        BilinearTaps<acc_t> t;
-        bilinear_taps<acc_t>(acc_t(x) + flow[(b * 2) * HW + pix], acc_t(y) + flow[(b * 2 + 1) * HW + pix], P.H, P.W,
-                             P.zeros_pad, t);
-        for (int k = 0; k < 4; ++k) {
-          acc_t* qk = qj + (k + 1) * C;
-          invalid[j * 4 + k] = !(t.finite && t.valid[k]);
-          if (invalid[j * 4 + k]) {
-            std::fill(qk, qk + C, acc_t(0));
-          } else {
-            const acc_t lkk = P.on_prob ? lk[b * HW + t.off[k]] : acc_t(0);
-            for (int64_t c = 0; c < C; ++c) qk[c] = static_cast<acc_t>(ptk_b[c * HW + t.off[k]]) - lkk;
-          }
-        }
-      }
-      if (P.on_prob) {
-        exp_inplace(q.data(), n * 5 * C);
-        for (int64_t j = 0; j < n; ++j)
-          for (int k = 0; k < 4; ++k)
-            if (invalid[j * 4 + k]) std::fill(q.data() + (j * 5 + k + 1) * C, q.data() + (j * 5 + k + 2) * C, acc_t(0));
-      }
+    for (int64_t x = 0; x < P.W; ++x) {
+      const int64_t i = r * P.W + x;
+      const acc_t g = mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
+      loss[i] = temporal_loss_pixel<scalar_t, acc_t, Add>(
+          P, r / P.H, r % P.H, x, T.pt.data_ptr<scalar_t>(), T.ptk.data_ptr<scalar_t>(), T.flow.data_ptr<acc_t>(),
+          T.it.data_ptr<acc_t>(), T.itk.data_ptr<acc_t>(), lt, lk, g, gpt, gptk, gfl, add);
+    }
+  }
+}
+
+// The CPU orchestration for float/half/bfloat16, over blocks of rows:
+//  pass 1, parallel over rows: per pixel the taps, V^p and the channel reductions
+//          (tl_channel_accumulate), kept for the block; loss and d flow written;
+//  pass 2, parallel over channels: d pred_t and the scatter into d pred_tk
+//          (tl_channel_grads). A channel's scatter only touches that channel's plane, so each
+//          thread owns what it writes: plain adds, no atomics, deterministic.
+// Channel planes are always walked along x (one element per plane per pixel would thrash the
+// TLB), and softmax arguments are exponentiated by one vectorised loop per gathered run.
+template <typename scalar_t, typename acc_t>
+struct Block {
+  const TLTensors& T;
+  const TLParams& P;
+  int64_t HW;
+  std::vector<BilinearTaps<acc_t>> taps;
+  std::vector<TLAccum<acc_t>> acc;
+  std::vector<acc_t> vp, k2;
+
+  Block(const TLTensors& T_, int64_t max_pixels)
+      : T(T_), P(T_.P), HW(T_.P.H * T_.P.W), taps(max_pixels), acc(max_pixels), vp(max_pixels), k2(max_pixels) {}
+
+  const scalar_t* pt() const { return T.pt.template data_ptr<scalar_t>(); }
+  const scalar_t* ptk() const { return T.ptk.template data_ptr<scalar_t>(); }
+  const acc_t* lse(const at::Tensor& l) const { return l.defined() ? l.template data_ptr<acc_t>() : nullptr; }
+
+  // q of channel c for pixels j0..j0+n of the block (row r, first pixel pix0 of the run):
+  // slot 0 = q_t, slots 1..4 = the corners (0 outside the image). Layout q[slot * n + j].
+  void gather_channel(int64_t b, int64_t c, int64_t pix0, int64_t j0, int64_t n, acc_t* q) const {
+    const acc_t* lt = lse(T.lse_t);
+    const acc_t* lk = lse(T.lse_tk);
+    const scalar_t* ptc = pt() + (b * P.C + c) * HW + pix0;
+    const scalar_t* pkc = ptk() + (b * P.C + c) * HW;
+    for (int64_t j = 0; j < n; ++j) q[j] = static_cast<acc_t>(ptc[j]) - (P.on_prob ? lt[b * HW + pix0 + j] : acc_t(0));
+    for (int k = 0; k < 4; ++k)
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t x = x0 + j, i = r * P.W + x;
-        const acc_t g = mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
-        loss[i] = temporal_loss_pixel<scalar_t, acc_t, Add>(P, b, y, x, pt, ptk, flow, it, itk, lt, lk, g, gpt, gptk,
-                                                            gfl, add, q.data() + j * 5 * C);
+        const BilinearTaps<acc_t>& t = taps[j0 + j];
+        q[(k + 1) * n + j] = t.valid[k] ? static_cast<acc_t>(pkc[t.off[k]]) - (P.on_prob ? lk[b * HW + t.off[k]] : acc_t(0))
+                                        : acc_t(0);
+      }
+    if (P.on_prob) {
+      exp_inplace(q, 5 * n);
+      for (int k = 0; k < 4; ++k)
+        for (int64_t j = 0; j < n; ++j)
+          if (!taps[j0 + j].valid[k]) q[(k + 1) * n + j] = acc_t(0);
+    }
+  }
+
+  // Pass 1 for row r (its pixels start at j0 in the block): fills taps/vp/k2/acc.
+  void pass1(int64_t r, int64_t j0, std::vector<acc_t>& q) {
+    const int64_t b = r / P.H, y = r % P.H, W = P.W, pix0 = y * W;
+    const acc_t* flow = T.flow.template data_ptr<acc_t>();
+    const acc_t* it = T.it.template data_ptr<acc_t>() + b * P.Ci * HW;
+    const acc_t* itk = T.itk.template data_ptr<acc_t>() + b * P.Ci * HW;
+    const acc_t* grad = T.grad.defined() ? T.grad.template data_ptr<acc_t>() : nullptr;
+    const bool grad_map = grad && T.grad.numel() > 1;
+    const acc_t mul = static_cast<acc_t>(T.grad_mul);
+    const bool want_grads = P.g_pt || P.g_ptk || P.g_flow;
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t j = j0 + x, pix = pix0 + x;
+      BilinearTaps<acc_t>& t = taps[j];
+      bilinear_taps<acc_t>(acc_t(x) + flow[(b * 2) * HW + pix], acc_t(y) + flow[(b * 2 + 1) * HW + pix], P.H, W,
+                           P.zeros_pad, t);
+      const acc_t g = mul * (grad ? grad[grad_map ? r * W + x : 0] : acc_t(1));
+      vp[j] = t.finite ? mask_weight<acc_t>(P, it, itk, pix, t) : acc_t(0);
+      k2[j] = want_grads ? acc_t(2) * g * vp[j] : acc_t(0);  // dl/d(diff) = 2 g V^p diff
+      acc[j] = TLAccum<acc_t>();
+    }
+    for (int64_t c = 0; c < P.C; ++c) {
+      gather_channel(b, c, pix0, j0, W, q.data());
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t j = j0 + x;
+        const acc_t qk[4] = {q[W + x], q[2 * W + x], q[3 * W + x], q[4 * W + x]};
+        tl_channel_accumulate<acc_t>(taps[j], q[x], qk, k2[j] != acc_t(0), k2[j], acc[j]);
       }
     }
+    acc_t* loss = T.loss_map.template data_ptr<acc_t>() + r * W;
+    acc_t* gfl = T.g_flow.defined() ? T.g_flow.template data_ptr<acc_t>() : nullptr;
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t j = j0 + x;
+      // a non-finite flow gives a NaN loss and no gradient (k2 = 0), as in the reference
+      loss[x] = taps[j].finite ? acc[j].sumsq * vp[j] : acc_t(NAN);
+      if (gfl) {
+        gfl[(b * 2) * HW + pix0 + x] = acc[j].gx;
+        gfl[(b * 2 + 1) * HW + pix0 + x] = acc[j].gy;
+      }
+    }
+  }
+
+  // Pass 2 for channel c over the block rows [r0, r1).
+  void pass2(int64_t c, int64_t r0, int64_t r1, std::vector<acc_t>& q) {
+    const int64_t W = P.W;
+    scalar_t* gpt = T.g_pt.defined() ? T.g_pt.template data_ptr<scalar_t>() : nullptr;
+    acc_t* gptk = T.g_ptk_acc.defined() ? T.g_ptk_acc.template data_ptr<acc_t>() : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / P.H, pix0 = (r % P.H) * W, j0 = (r - r0) * W;
+      gather_channel(b, c, pix0, j0, W, q.data());
+      scalar_t* gptc = gpt ? gpt + (b * P.C + c) * HW + pix0 : nullptr;
+      acc_t* gpkc = gptk ? gptk + (b * P.C + c) * HW : nullptr;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t j = j0 + x;
+        const BilinearTaps<acc_t>& t = taps[j];
+        const acc_t qk[4] = {q[W + x], q[2 * W + x], q[3 * W + x], q[4 * W + x]};
+        acc_t gk[4];
+        const acc_t d = tl_channel_grads<acc_t>(t, q[x], qk, k2[j], P.on_prob, acc[j], gk);
+        if (gptc) gptc[x] = static_cast<scalar_t>(d);
+        if (gpkc && k2[j] != acc_t(0))
+          for (int k = 0; k < 4; ++k)
+            if (t.valid[k] && t.w[k] != acc_t(0)) gpkc[t.off[k]] += gk[k];
+      }
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void run_blocked(const TLTensors& T) {
+  const TLParams& P = T.P;
+  const int64_t nrows = P.B * P.H;
+  // rows per block: enough pixels to amortise the two parallel regions, few enough to stay
+  // in cache (about 16K pixels of per-pixel state)
+  const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(nrows, 16384 / std::max<int64_t>(P.W, 1)));
+  Block<scalar_t, acc_t> blk(T, block_rows * P.W);
+  const bool pass2 = P.g_pt || P.g_ptk;
+  for (int64_t r0 = 0; r0 < nrows; r0 += block_rows) {
+    const int64_t r1 = std::min(nrows, r0 + block_rows);
+    at::parallel_for(r0, r1, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> q(5 * P.W);
+      for (int64_t r = lo; r < hi; ++r) blk.pass1(r, (r - r0) * P.W, q);
+    });
+    if (pass2)
+      at::parallel_for(0, P.C, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> q(5 * P.W);
+        for (int64_t c = lo; c < hi; ++c) blk.pass2(c, r0, r1, q);
+      });
   }
 }
 
@@ -180,19 +277,23 @@ void run_cpu(TLTensors& T) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T.pt.scalar_type(), "tcloss_temporal_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (T.P.on_prob) lse_pass<scalar_t, acc_t>(T);
-    const TLParams& P = T.P;
-    const int64_t nrows = P.B * P.H;
-    const int nthreads = at::get_num_threads();
-    if (!P.g_ptk || nthreads == 1) {
-      // No scatter, or a single thread: rows may run in any order.
-      at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) { rows<scalar_t, acc_t>(T, lo, hi, PlainAdd{}); });
-    } else if (P.B >= nthreads) {
-      // One thread per batch item owns its slice of d pred_tk: deterministic plain adds.
-      at::parallel_for(0, P.B, 1, [&](int64_t lo, int64_t hi) {
-        rows<scalar_t, acc_t>(T, lo * P.H, hi * P.H, PlainAdd{});
-      });
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      run_blocked<scalar_t, acc_t>(T);
     } else {
-      at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) { rows<scalar_t, acc_t>(T, lo, hi, CasAdd{}); });
+      const TLParams& P = T.P;
+      const int64_t nrows = P.B * P.H;
+      const int nthreads = at::get_num_threads();
+      if (!P.g_ptk || nthreads == 1) {
+        // No scatter, or a single thread: rows may run in any order.
+        at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) { rows_per_pixel<scalar_t, acc_t>(T, lo, hi, PlainAdd{}); });
+      } else if (P.B >= nthreads) {
+        // One thread per batch item owns its slice of d pred_tk: deterministic plain adds.
+        at::parallel_for(0, P.B, 1, [&](int64_t lo, int64_t hi) {
+          rows_per_pixel<scalar_t, acc_t>(T, lo * P.H, hi * P.H, PlainAdd{});
+        });
+      } else {
+        at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) { rows_per_pixel<scalar_t, acc_t>(T, lo, hi, CasAdd{}); });
+      }
     }
   });
 }

@@ -46,7 +46,7 @@ __global__ void temporal_loss_kernel(TLParams P, const scalar_t* __restrict__ pt
     const int64_t b = i / HW, pix = i - b * HW, y = pix / P.W, x = pix - y * P.W;
     const acc_t g = grad_mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
     loss[i] = temporal_loss_pixel<scalar_t, acc_t, AtomicAdd>(P, b, y, x, pt, ptk, flow, it, itk, lt, lk, g, gpt,
-                                                             gptk, gfl, AtomicAdd{}, nullptr);
+                                                             gptk, gfl, AtomicAdd{});
   }
 }
 

@@ -69,20 +69,60 @@ HOST_DEVICE_INLINE acc_t mask_weight(const TLParams& P, const acc_t* it_b, const
   return m_exp(-static_cast<acc_t>(P.mask_power) * r);
 }
 
-// Adds `v` to `*p`: plain add (single writer) or atomic (CUDA atomicAdd / CPU CAS), chosen by
-// the caller through the Add functor.
-// Returns l_i. `gscale` = dL/dl_i (0 = no gradients for this pixel). `q5` (or nullptr): the
-// pixel's q_t[0..C) followed by the four corners' q (C each, 0 for corners outside the image),
-// already computed by the caller: the CPU fills it for a chunk of pixels with a vectorised exp;
-// the GPU passes nullptr and computes q on the fly in both passes (registers are scarcer).
+// The per-channel pieces, shared by the per-pixel orchestration below (GPU, and CPU float64)
+// and the CPU's chunked orchestration (cpu/temporal_loss.cpp), which walks channel planes in
+// order for the cache and TLB.
+
+// Channel reductions of one pixel that the loss and the gradients need.
+template <typename acc_t>
+struct TLAccum {
+  acc_t sumsq = 0, dot_t = 0, gx = 0, gy = 0;
+  acc_t dot_k[4] = {0, 0, 0, 0};
+};
+
+// Pass 1, channel c: q_t and the four corners' q (0 outside the image). k2 = 2 g V^p.
+template <typename acc_t>
+HOST_DEVICE_INLINE void tl_channel_accumulate(const BilinearTaps<acc_t>& t, acc_t qt, const acc_t qk[4], bool grads,
+                                              acc_t k2, TLAccum<acc_t>& A) {
+  acc_t w = acc_t(0), wx = acc_t(0), wy = acc_t(0);
+  for (int k = 0; k < 4; ++k) {
+    w += t.w[k] * qk[k];
+    wx += t.dwdx[k] * qk[k];
+    wy += t.dwdy[k] * qk[k];
+  }
+  const acc_t diff = qt - w;
+  A.sumsq += diff * diff;
+  if (grads) {
+    const acc_t dq = k2 * diff;  // dl/dq_t; dl/dw = -dq
+    A.dot_t += qt * dq;
+    for (int k = 0; k < 4; ++k) A.dot_k[k] -= qk[k] * dq;  // <q_k, -dq>
+    A.gx -= dq * wx;
+    A.gy -= dq * wy;
+  }
+}
+
+// Pass 2, channel c: returns d pred_t[c]; gk[k] = what corner k of pred_tk receives (0 for a
+// corner outside the image or of zero weight: the caller skips those).
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t tl_channel_grads(const BilinearTaps<acc_t>& t, acc_t qt, const acc_t qk[4], acc_t k2,
+                                          bool on_prob, const TLAccum<acc_t>& A, acc_t gk[4]) {
+  acc_t w = acc_t(0);
+  for (int k = 0; k < 4; ++k) w += t.w[k] * qk[k];
+  const acc_t dq = k2 * (qt - w);
+  for (int k = 0; k < 4; ++k) gk[k] = t.w[k] * (on_prob ? qk[k] * (-dq - A.dot_k[k]) : -dq);
+  return on_prob ? qt * (dq - A.dot_t) : dq;
+}
+
+// One pixel, both passes (the GPU kernel's orchestration: one thread per pixel, q recomputed in
+// pass 2 rather than kept; registers are scarce). Adds to g_ptk through `add` (atomicAdd on
+// the GPU, plain or CAS on the CPU). Returns l_i; `gscale` = dL/dl_i (0: no gradients).
 template <typename scalar_t, typename acc_t, typename Add>
 HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
     const TLParams& P, int64_t b, int64_t y, int64_t x,
     const scalar_t* __restrict__ pt, const scalar_t* __restrict__ ptk,
     const acc_t* __restrict__ flow, const acc_t* __restrict__ it, const acc_t* __restrict__ itk,
     const acc_t* __restrict__ lse_t, const acc_t* __restrict__ lse_tk, acc_t gscale,
-    scalar_t* __restrict__ g_pt, acc_t* __restrict__ g_ptk, acc_t* __restrict__ g_flow, Add add,
-    const acc_t* __restrict__ q5) {
+    scalar_t* __restrict__ g_pt, acc_t* __restrict__ g_ptk, acc_t* __restrict__ g_flow, Add add) {
   const int64_t HW = P.H * P.W, C = P.C;
   const int64_t pix = y * P.W + x;
   const int64_t pix_b = b * HW + pix;
@@ -104,59 +144,38 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
   if (P.on_prob)
     for (int k = 0; k < 4; ++k)
       if (t.valid[k]) lk[k] = lse_tk[b * HW + t.off[k]];
+  auto corners = [&](int64_t c, acc_t qk[4]) {
+    for (int k = 0; k < 4; ++k)
+      qk[k] = t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0);
+  };
 
   const bool grads = gscale != acc_t(0) && (P.g_pt || P.g_ptk || P.g_flow);
   const acc_t k2 = acc_t(2) * gscale * vp;  // dl/d(diff) = 2 g V^p diff
-  acc_t sumsq = acc_t(0), dot_t = acc_t(0), gx = acc_t(0), gy = acc_t(0);
-  acc_t dot_k[4] = {0, 0, 0, 0};
-  // Pass 1: loss, and the reductions over channels that the gradients need.
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t qt = q5 ? q5[c] : prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
-    acc_t qk[4], w = acc_t(0), wx = acc_t(0), wy = acc_t(0);
-    for (int k = 0; k < 4; ++k) {
-      qk[k] = q5 ? q5[(k + 1) * C + c]
-                 : (t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0));
-      w += t.w[k] * qk[k];
-      wx += t.dwdx[k] * qk[k];
-      wy += t.dwdy[k] * qk[k];
-    }
-    const acc_t diff = qt - w;
-    sumsq += diff * diff;
-    if (grads) {
-      const acc_t dq = k2 * diff;
-      dot_t += qt * dq;
-      for (int k = 0; k < 4; ++k) dot_k[k] -= qk[k] * dq;
-      gx -= dq * wx;
-      gy -= dq * wy;
-    }
+  TLAccum<acc_t> A;
+  for (int64_t c = 0; c < C; ++c) {  // pass 1: loss and the channel reductions
+    acc_t qk[4];
+    corners(c, qk);
+    tl_channel_accumulate<acc_t>(t, prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob), qk, grads, k2, A);
   }
   if (P.g_flow && g_flow) {  // zeros where this pixel has no gradient
-    g_flow[(b * 2) * HW + pix] = gx;
-    g_flow[(b * 2 + 1) * HW + pix] = gy;
+    g_flow[(b * 2) * HW + pix] = A.gx;
+    g_flow[(b * 2 + 1) * HW + pix] = A.gy;
   }
-  // Pass 2: write d pred_t, scatter d pred_tk (recomputing q instead of keeping it).
-  if (grads && (P.g_pt || P.g_ptk)) {
+  if (grads && (P.g_pt || P.g_ptk)) {  // pass 2: write d pred_t, scatter d pred_tk
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t qt = q5 ? q5[c] : prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob);
-      acc_t qk[4], w = acc_t(0);
-      for (int k = 0; k < 4; ++k) {
-        qk[k] = q5 ? q5[(k + 1) * C + c]
-                        : (t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0));
-        w += t.w[k] * qk[k];
-      }
-      const acc_t dq = k2 * (qt - w);
-      if (P.g_pt)
-        g_pt[(b * C + c) * HW + pix] = static_cast<scalar_t>(P.on_prob ? qt * (dq - dot_t) : dq);
+      acc_t qk[4], gk[4];
+      corners(c, qk);
+      const acc_t gpt = tl_channel_grads<acc_t>(t, prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob), qk, k2,
+                                                P.on_prob, A, gk);
+      if (P.g_pt) g_pt[(b * C + c) * HW + pix] = static_cast<scalar_t>(gpt);
       if (P.g_ptk)
         for (int k = 0; k < 4; ++k)
-          if (t.valid[k] && t.w[k] != acc_t(0))
-            add(&g_ptk[(b * C + c) * HW + t.off[k]],
-                t.w[k] * (P.on_prob ? qk[k] * (-dq - dot_k[k]) : -dq));
+          if (t.valid[k] && t.w[k] != acc_t(0)) add(&g_ptk[(b * C + c) * HW + t.off[k]], gk[k]);
     }
   } else if (P.g_pt && g_pt) {
     for (int64_t c = 0; c < C; ++c) g_pt[(b * C + c) * HW + pix] = scalar_t(0);
   }
-  return vp * sumsq;
+  return A.sumsq * vp;
 }
 
 }  // namespace tcloss
