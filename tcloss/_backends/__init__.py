@@ -11,6 +11,7 @@ cpp if built, else reference. ``TCLOSS_BACKEND`` overrides ``auto``.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -152,3 +153,55 @@ def available_backends(verbose: bool = False):
                 names.append(b)
         out[d] = names
     return out
+
+
+# --- torch.library registration shared by every op's glue module --------------------------------
+
+_REGISTERED: set[str] = set()
+
+
+def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_autograd, *,
+                     triton_fakes: bool = False, refuse_double_backward: bool = False) -> None:
+    """Register fake kernels and autograd for the native pair ``tcloss::{stem}_fwd/_bwd`` (when
+    ``tcloss._C`` has them) and the Triton pair ``tcloss::{stem}_{fwd,bwd}_triton`` of module
+    ``triton_module`` (when Triton imports). ``make_autograd(bwd_op) -> (setup_context,
+    backward)``. ``triton_fakes``: give the Triton ops explicit fakes instead of traced ones.
+    ``refuse_double_backward``: the bwd ops raise a clear error when differentiated. Idempotent."""
+    if stem in _REGISTERED:
+        return
+    _REGISTERED.add(stem)
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"tcloss: double backward through {stem} is not supported")
+
+    def no_context(ctx, inputs, output):
+        pass
+
+    if native_status()[0] and hasattr(torch.ops.tcloss, f"{stem}_fwd"):
+        torch.library.register_fake(f"tcloss::{stem}_fwd")(fake_fwd)
+        torch.library.register_fake(f"tcloss::{stem}_bwd")(fake_bwd)
+        sc, bw = make_autograd(getattr(torch.ops.tcloss, f"{stem}_bwd"))
+        torch.library.register_autograd(f"tcloss::{stem}_fwd", bw, setup_context=sc)
+        if refuse_double_backward:
+            torch.library.register_autograd(f"tcloss::{stem}_bwd", refuse, setup_context=no_context)
+    try:
+        mod = importlib.import_module(f".{triton_module}", __name__)
+    except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
+        return
+    fwd, bwd = getattr(mod, f"{stem}_fwd_triton"), getattr(mod, f"{stem}_bwd_triton")
+    if triton_fakes:
+        fwd.register_fake(fake_fwd)
+        bwd.register_fake(fake_bwd)
+    sc, bw = make_autograd(bwd)
+    fwd.register_autograd(bw, setup_context=sc)
+    if refuse_double_backward:
+        bwd.register_autograd(refuse, setup_context=no_context)
+
+
+def fwd_op(stem: str, triton_module: str, backend: str):
+    """The forward op of ``stem`` for a kernel backend (``cpp``/``cuda`` share the native op)."""
+    if backend in ("cpp", "cuda"):
+        return getattr(torch.ops.tcloss, f"{stem}_fwd")
+    if backend == "triton":
+        return getattr(importlib.import_module(f".{triton_module}", __name__), f"{stem}_fwd_triton")
+    raise ValueError(f"no kernel op for backend {backend!r}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import native_status
+from . import fwd_op as _fwd_op
+from . import register_op_pair
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -46,32 +47,10 @@ def _make_autograd(bwd_op):
     return setup_context, backward
 
 
-_registered = False
-
-
 def register() -> None:
     """Register fake + autograd implementations (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    if native_status()[0] and hasattr(torch.ops.tcloss, "convlstm_cell_fwd"):
-        torch.library.register_fake("tcloss::convlstm_cell_fwd")(_fake_fwd)
-        torch.library.register_fake("tcloss::convlstm_cell_bwd")(_fake_bwd)
-        sc, bw = _make_autograd(torch.ops.tcloss.convlstm_cell_bwd)
-        torch.library.register_autograd("tcloss::convlstm_cell_fwd", bw, setup_context=sc)
-    try:
-        from . import convlstm_triton as ct
-    except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
-        return
-    sc, bw = _make_autograd(ct.convlstm_cell_bwd_triton)
-    ct.convlstm_cell_fwd_triton.register_autograd(bw, setup_context=sc)
+    register_op_pair("convlstm_cell", "convlstm_triton", _fake_fwd, _fake_bwd, _make_autograd)
 
 
 def fwd_op(backend: str):
-    if backend in ("cpp", "cuda"):
-        return torch.ops.tcloss.convlstm_cell_fwd
-    if backend == "triton":
-        from . import convlstm_triton as ct
-        return ct.convlstm_cell_fwd_triton
-    raise ValueError(backend)
+    return _fwd_op("convlstm_cell", "convlstm_triton", backend)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from . import native_status
+from . import fwd_op as _fwd_op
+from . import register_op_pair
 
 LOSS = {"mse": 0, "kl": 1}
 
@@ -53,38 +54,15 @@ def _make_autograd(bwd_op):
     return setup_context, backward
 
 
-_registered = False
-
-
 def register() -> None:
-    """Register fake + autograd implementations (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    if native_status()[0] and hasattr(torch.ops.tcloss, "pairwise_similarity_fwd"):
-        torch.library.register_fake("tcloss::pairwise_similarity_fwd")(_fake_fwd)
-        torch.library.register_fake("tcloss::pairwise_similarity_bwd")(_fake_bwd)
-        sc, bw = _make_autograd(torch.ops.tcloss.pairwise_similarity_bwd)
-        torch.library.register_autograd("tcloss::pairwise_similarity_fwd", bw, setup_context=sc)
-    try:
-        from . import pairwise_triton as pt
-    except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
-        return
-    # Explicit fakes: tracing the launcher instead would run the interpreter on fake tensors.
-    pt.pairwise_similarity_fwd_triton.register_fake(_fake_fwd)
-    pt.pairwise_similarity_bwd_triton.register_fake(_fake_bwd)
-    sc, bw = _make_autograd(pt.pairwise_similarity_bwd_triton)
-    pt.pairwise_similarity_fwd_triton.register_autograd(bw, setup_context=sc)
+    """Register fake + autograd implementations (idempotent). The Triton ops get explicit fakes:
+    tracing the launcher instead would run the interpreter on fake tensors."""
+    register_op_pair("pairwise_similarity", "pairwise_triton", _fake_fwd, _fake_bwd, _make_autograd,
+                     triton_fakes=True)
 
 
 def fwd_op(backend: str):
-    if backend in ("cpp", "cuda"):
-        return torch.ops.tcloss.pairwise_similarity_fwd
-    if backend == "triton":
-        from . import pairwise_triton as pt
-        return pt.pairwise_similarity_fwd_triton
-    raise ValueError(backend)
+    return _fwd_op("pairwise_similarity", "pairwise_triton", backend)
 
 
 # Crossover of algorithm="auto" for loss="mse", measured on CPU (benchmarks/bench_pairwise.py,

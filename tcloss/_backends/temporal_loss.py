@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import native_status
+from . import fwd_op as _fwd_op
+from . import register_op_pair
 
 REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 MASK_MODE = {"signed_sum": 0, "l1": 1, "l2": 2}
@@ -54,42 +55,11 @@ def _make_autograd(bwd_op):
     return setup_context, backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("tcloss: double backward through temporal_loss is not supported")
-
-
-def _bwd_setup(ctx, inputs, output):
-    pass
-
-
-_registered = False
-
-
 def register() -> None:
     """Register fake + autograd implementations (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    if native_status()[0]:
-        torch.library.register_fake("tcloss::temporal_loss_fwd")(_fake)
-        torch.library.register_fake("tcloss::temporal_loss_bwd")(_fake_bwd)
-        sc, bw = _make_autograd(torch.ops.tcloss.temporal_loss_bwd)
-        torch.library.register_autograd("tcloss::temporal_loss_fwd", bw, setup_context=sc)
-        torch.library.register_autograd("tcloss::temporal_loss_bwd", _no_double_backward, setup_context=_bwd_setup)
-    try:
-        from . import temporal_loss_triton as tt
-    except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
-        return
-    sc, bw = _make_autograd(tt.temporal_loss_bwd_triton)
-    tt.temporal_loss_fwd_triton.register_autograd(bw, setup_context=sc)
-    tt.temporal_loss_bwd_triton.register_autograd(_no_double_backward, setup_context=_bwd_setup)
+    register_op_pair("temporal_loss", "temporal_loss_triton", _fake, _fake_bwd, _make_autograd,
+                     refuse_double_backward=True)
 
 
 def fwd_op(backend: str):
-    if backend in ("cpp", "cuda"):
-        return torch.ops.tcloss.temporal_loss_fwd
-    if backend == "triton":
-        from . import temporal_loss_triton as tt
-        return tt.temporal_loss_fwd_triton
-    raise ValueError(backend)
+    return _fwd_op("temporal_loss", "temporal_loss_triton", backend)
