@@ -28,7 +28,7 @@ numbers here are *not* directly the paper's:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np  # noqa: F401  (numpy inputs are accepted via torch.as_tensor)
 import torch

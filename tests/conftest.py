@@ -1,7 +1,6 @@
 """Shared test helpers: which backends run where, tolerances, the shared sample data."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from tcloss import _backends
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INTERPRET = _backends.triton_interpret()
 HAS_CUDA = torch.cuda.is_available()
-HAS_CPP = _backends._status("cpp", "temporal_loss", "cpu")[0]
 
 # Per-dtype (atol, rtol) of a kernel against the float64 reference on the same inputs.
 TOL = {
@@ -22,7 +20,6 @@ TOL = {
     torch.float16: (2e-3, 1e-2),
     torch.bfloat16: (1.5e-2, 5e-2),
 }
-
 
 def kernel_params(op: str = "temporal_loss"):
     """(backend, device) pairs for the kernels under test; reference is the oracle, not a param."""
@@ -39,10 +36,8 @@ def kernel_params(op: str = "temporal_loss"):
                             pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="no CUDA GPU")]),
     ]
 
-
 def pytest_report_header(config):
     return f"tcloss backends: {tcloss.available_backends()}; TRITON_INTERPRET={int(INTERPRET)}; cuda={HAS_CUDA}"
-
 
 @pytest.fixture
 def shared_data():

@@ -24,7 +24,6 @@ a second on one CPU core.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import numpy as np
