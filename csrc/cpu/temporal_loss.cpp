@@ -154,17 +154,21 @@ struct Block {
   std::vector<BilinearTaps<acc_t>> taps;
   std::vector<TLAccum<acc_t>> acc;
   std::vector<acc_t> vp, k2;
+  int64_t NB;               // pixels per block
+  std::vector<acc_t> qbuf;  // q of the block, [channel][slot][pixel]: pass 2 reuses pass 1's
 
-  Block(const TLTensors& T_, int64_t max_pixels)
-      : T(T_), P(T_.P), HW(T_.P.H * T_.P.W), taps(max_pixels), acc(max_pixels), vp(max_pixels), k2(max_pixels) {}
+  Block(const TLTensors& T_, int64_t max_pixels, bool keep_q)
+      : T(T_), P(T_.P), HW(T_.P.H * T_.P.W), taps(max_pixels), acc(max_pixels), vp(max_pixels), k2(max_pixels),
+        NB(max_pixels), qbuf(keep_q ? 5 * T_.P.C * max_pixels : 0) {}
+  acc_t* qc(int64_t c) { return qbuf.data() + c * 5 * NB; }
 
   const scalar_t* pt() const { return T.pt.template data_ptr<scalar_t>(); }
   const scalar_t* ptk() const { return T.ptk.template data_ptr<scalar_t>(); }
   const acc_t* lse(const at::Tensor& l) const { return l.defined() ? l.template data_ptr<acc_t>() : nullptr; }
 
-  // q of channel c for pixels j0..j0+n of the block (row r, first pixel pix0 of the run):
-  // slot 0 = q_t, slots 1..4 = the corners (0 outside the image). Layout q[slot * n + j].
-  void gather_channel(int64_t b, int64_t c, int64_t pix0, int64_t j0, int64_t n, acc_t* q) const {
+  // q of channel c for pixels j0..j0+n of the block (first pixel pix0 of the run): slot 0 =
+  // q_t, slots 1..4 = the corners (0 outside the image). Layout q[slot * ns + j].
+  void gather_channel(int64_t b, int64_t c, int64_t pix0, int64_t j0, int64_t n, acc_t* q, int64_t ns) const {
     const acc_t* lt = lse(T.lse_t);
     const acc_t* lk = lse(T.lse_tk);
     const scalar_t* ptc = pt() + (b * P.C + c) * HW + pix0;
@@ -173,14 +177,14 @@ struct Block {
     for (int k = 0; k < 4; ++k)
       for (int64_t j = 0; j < n; ++j) {
         const BilinearTaps<acc_t>& t = taps[j0 + j];
-        q[(k + 1) * n + j] = t.valid[k] ? static_cast<acc_t>(pkc[t.off[k]]) - (P.on_prob ? lk[b * HW + t.off[k]] : acc_t(0))
-                                        : acc_t(0);
+        q[(k + 1) * ns + j] = t.valid[k] ? static_cast<acc_t>(pkc[t.off[k]]) - (P.on_prob ? lk[b * HW + t.off[k]] : acc_t(0))
+                                         : acc_t(0);
       }
     if (P.on_prob) {
-      exp_inplace(q, 5 * n);
+      for (int slot = 0; slot < 5; ++slot) exp_inplace(q + slot * ns, n);
       for (int k = 0; k < 4; ++k)
         for (int64_t j = 0; j < n; ++j)
-          if (!taps[j0 + j].valid[k]) q[(k + 1) * n + j] = acc_t(0);
+          if (!taps[j0 + j].valid[k]) q[(k + 1) * ns + j] = acc_t(0);
     }
   }
 
@@ -204,12 +208,16 @@ struct Block {
       k2[j] = want_grads ? acc_t(2) * g * vp[j] : acc_t(0);  // dl/d(diff) = 2 g V^p diff
       acc[j] = TLAccum<acc_t>();
     }
+    const bool keep = !qbuf.empty();
     for (int64_t c = 0; c < P.C; ++c) {
-      gather_channel(b, c, pix0, j0, W, q.data());
+      // into the block buffer when pass 2 will need it, else a row-sized scratch
+      acc_t* qq = keep ? qc(c) + j0 : q.data();
+      const int64_t ns = keep ? NB : W;
+      gather_channel(b, c, pix0, j0, W, qq, ns);
       for (int64_t x = 0; x < W; ++x) {
         const int64_t j = j0 + x;
-        const acc_t qk[4] = {q[W + x], q[2 * W + x], q[3 * W + x], q[4 * W + x]};
-        tl_channel_accumulate<acc_t>(taps[j], q[x], qk, k2[j] != acc_t(0), k2[j], acc[j]);
+        const acc_t qk[4] = {qq[ns + x], qq[2 * ns + x], qq[3 * ns + x], qq[4 * ns + x]};
+        tl_channel_accumulate<acc_t>(taps[j], qq[x], qk, k2[j] != acc_t(0), k2[j], acc[j]);
       }
     }
     acc_t* loss = T.loss_map.template data_ptr<acc_t>() + r * W;
@@ -225,20 +233,20 @@ struct Block {
     }
   }
 
-  // Pass 2 for channel c over the block rows [r0, r1).
-  void pass2(int64_t c, int64_t r0, int64_t r1, std::vector<acc_t>& q) {
-    const int64_t W = P.W;
+  // Pass 2 for channel c over the block rows [r0, r1), from the q kept by pass 1.
+  void pass2(int64_t c, int64_t r0, int64_t r1) {
+    const int64_t W = P.W, ns = NB;
     scalar_t* gpt = T.g_pt.defined() ? T.g_pt.template data_ptr<scalar_t>() : nullptr;
     acc_t* gptk = T.g_ptk_acc.defined() ? T.g_ptk_acc.template data_ptr<acc_t>() : nullptr;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / P.H, pix0 = (r % P.H) * W, j0 = (r - r0) * W;
-      gather_channel(b, c, pix0, j0, W, q.data());
+      const acc_t* q = qc(c) + j0;
       scalar_t* gptc = gpt ? gpt + (b * P.C + c) * HW + pix0 : nullptr;
       acc_t* gpkc = gptk ? gptk + (b * P.C + c) * HW : nullptr;
       for (int64_t x = 0; x < W; ++x) {
         const int64_t j = j0 + x;
         const BilinearTaps<acc_t>& t = taps[j];
-        const acc_t qk[4] = {q[W + x], q[2 * W + x], q[3 * W + x], q[4 * W + x]};
+        const acc_t qk[4] = {q[ns + x], q[2 * ns + x], q[3 * ns + x], q[4 * ns + x]};
         acc_t gk[4];
         const acc_t d = tl_channel_grads<acc_t>(t, q[x], qk, k2[j], P.on_prob, acc[j], gk);
         if (gptc) gptc[x] = static_cast<scalar_t>(d);
@@ -254,11 +262,13 @@ template <typename scalar_t, typename acc_t>
 void run_blocked(const TLTensors& T) {
   const TLParams& P = T.P;
   const int64_t nrows = P.B * P.H;
-  // rows per block: enough pixels to amortise the two parallel regions, few enough to stay
-  // in cache (about 16K pixels of per-pixel state)
-  const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(nrows, 16384 / std::max<int64_t>(P.W, 1)));
-  Block<scalar_t, acc_t> blk(T, block_rows * P.W);
   const bool pass2 = P.g_pt || P.g_ptk;
+  // rows per block: enough pixels to amortise the two parallel regions, few enough to stay
+  // in cache: about 16K pixels of per-pixel state, and at most ~8 MB of kept q (5 C values a
+  // pixel) when pass 2 runs
+  const int64_t want_px = pass2 ? std::min<int64_t>(16384, (int64_t(1) << 21) / (5 * P.C)) : 16384;
+  const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(nrows, want_px / std::max<int64_t>(P.W, 1)));
+  Block<scalar_t, acc_t> blk(T, block_rows * P.W, pass2);
   for (int64_t r0 = 0; r0 < nrows; r0 += block_rows) {
     const int64_t r1 = std::min(nrows, r0 + block_rows);
     at::parallel_for(r0, r1, 1, [&](int64_t lo, int64_t hi) {
@@ -267,8 +277,7 @@ void run_blocked(const TLTensors& T) {
     });
     if (pass2)
       at::parallel_for(0, P.C, 1, [&](int64_t lo, int64_t hi) {
-        std::vector<acc_t> q(5 * P.W);
-        for (int64_t c = lo; c < hi; ++c) blk.pass2(c, r0, r1, q);
+        for (int64_t c = lo; c < hi; ++c) blk.pass2(c, r0, r1);
       });
   }
 }
