@@ -184,7 +184,7 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
         algorithm: ``"blocked"`` (tiles of S and T computed on the fly and discarded, O(N C)
             memory, both losses), ``"gram"`` (mse only: C x C Gram identity in float64,
             O(N C^2)), ``"naive"`` (materialises S and T in PyTorch), ``"auto"`` (gram for mse
-            when C_s + C_t <= N/2, else blocked).
+            when C_s + C_t <= 2 min(N_a, N_b), else blocked; naive on the reference backend).
         detach_norm: the norms are constants in backward (structured-distillation convention);
             otherwise the gradient through the normalisation is exact.
         backend: kernel of the blocked algorithm (``auto``/``cpp``/``cuda``/``triton``;
