@@ -26,7 +26,7 @@ $(VENV)/.installed: $(VENV)/.base setup.py pyproject.toml $(wildcard csrc/*.cpp 
 install: $(VENV)/.installed
 
 train: install
-	@if [ -f train.py ]; then $(PY) train.py $(ARGS); else $(PY) examples/demo_temporal_loss.py $(ARGS); fi
+	$(PY) train.py $(ARGS)
 
 demo: install
 	$(PY) examples/demo_temporal_loss.py $(ARGS)

@@ -1,0 +1,235 @@
+"""train.py / trainer: end-to-end smoke run, resume, config errors, loss assembly, DDP.
+
+The whole file runs in well under 4 minutes on 2 CPU cores (``pytest tests/test_train.py``);
+nothing here is marked slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+from trainer.cli import main
+from trainer.losses import compute_losses, effective_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMS = ("ce", "aux", "kd", "pa", "tl", "pf", "mf")
+
+
+def _run(args, timeout=170):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------ end to end
+
+def test_smoke_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    r = _run(["--preset", "smoke", "--set", f"run_dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mIoU" in r.stdout and "teacher" in r.stdout and "student" in r.stdout
+    for name in ("teacher_final.pt", "teacher_last.pt", "baseline_final.pt", "student_final.pt", "student_last.pt"):
+        assert (run_dir / "checkpoints" / name).is_file(), name
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # atomic writes leave no temp file
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in recs} == {"teacher", "baseline", "student"}
+    assert set(TERMS) <= set(recs[-1])  # every student term logged
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for model in ("teacher", "baseline", "student"):
+        for key in ("miou", "pixel_acc", "tc", "fps", "params_m"):
+            assert key in metrics[model], (model, key)
+        assert 0 <= metrics[model]["miou"] <= 100 and 0 <= metrics[model]["tc"] <= 100
+    for png in ("loss_curves.png", "miou_vs_tc.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    # eval alone reuses the trained checkpoints of the same folder and reproduces the metrics
+    (run_dir / "metrics.json").unlink()
+    assert main(["--preset", "smoke", "--set", f"run_dir={run_dir}", "--stage", "eval"]) == 0
+    again = json.loads((run_dir / "metrics.json").read_text())
+    for model in ("teacher", "baseline", "student"):
+        assert again[model]["miou"] == metrics[model]["miou"] and again[model]["tc"] == metrics[model]["tc"]
+
+
+# ------------------------------------------------------------------ resume
+
+SMALL = ["--preset", "smoke", "--set", "stages=[teacher,student]", "--set", "plots=false",
+         "--set", "teacher.iters=8", "--set", "student.iters=8", "--set", "train.ckpt_every=3",
+         "--set", "train.tensorboard=false"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(SMALL + ["--set", f"run_dir={a}"]) == 0
+    # killed mid-teacher, then mid-student, then finished: three processes' worth of runs
+    assert main(SMALL + ["--set", f"run_dir={b}", "--set", "train.max_iters_this_run=5"]) == 0
+    assert not (b / "checkpoints" / "teacher_final.pt").exists()
+    assert _state(b / "checkpoints" / "teacher_last.pt")["iteration"] == 5
+    assert main(SMALL + ["--set", f"run_dir={b}", "--set", "train.max_iters_this_run=6", "--resume"]) == 0
+    assert _state(b / "checkpoints" / "student_last.pt")["iteration"] == 3
+    assert main(SMALL + ["--set", f"run_dir={b}", "--resume"]) == 0
+    for stage in ("teacher", "student"):
+        _same_state(_state(a / "checkpoints" / f"{stage}_final.pt")["model"],
+                    _state(b / "checkpoints" / f"{stage}_final.pt")["model"])
+    sa, sb = _state(a / "checkpoints" / "student_last.pt"), _state(b / "checkpoints" / "student_last.pt")
+    _same_state(sa["mf"], sb["mf"])  # the ConvLSTM of the MF term too
+
+
+# ------------------------------------------------------------------ config errors
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "train.bogus=1"], "unknown config key 'train.bogus'"),
+    (["--set", "data.name=cityscapes", "--set", "data.root=/nonexistent/cityscapes"], "data root not found"),
+    (["--set", "data.name=camvid"], "data.root is required"),
+    (["--set", "student.model=resnet9000"], "unknown student.model"),
+    (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--preset", "nope"], "unknown preset"),
+    (["--stage", "distill"], "unknown stage"),
+])
+def test_bad_config_in_process(args, words, capsys, tmp_path):
+    assert main(args + ["--set", f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err
+
+
+def test_bad_config_subprocess(tmp_path):
+    r = _run(["--set", "teacher.model=nope", "--set", f"run_dir={tmp_path}"], timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "unknown teacher.model" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_yaml_configs_load():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for c in configs:
+        cfg = trainer.load_config(c, ["data.name=synthetic"])  # real roots are not here: check keys only
+        assert cfg["loss"]["lambda"] == 0.1
+
+
+def test_set_overrides_types():
+    cfg = trainer.load_config(None, ["train.batch_size=3", "student.losses.mf=false", "data.scale=[1, 1.5]",
+                                     "student.model_options.width=4", "teacher.weights=null"])
+    assert cfg["train"]["batch_size"] == 3 and cfg["student"]["losses"]["mf"] is False
+    assert cfg["data"]["scale"] == [1, 1.5] and cfg["student"]["model_options"]["width"] == 4
+
+
+# ------------------------------------------------------------------ loss assembly
+
+def _fake_outputs(B=2, K=4, h=4, w=5, C=6, teacher=False):
+    g = torch.Generator().manual_seed(1 if teacher else 0)
+    out = {"logits": torch.randn(B * 3, K, h, w, generator=g), "aux": torch.randn(B * 3, K, h, w, generator=g),
+           "feat": torch.randn(B * 3, C + (2 if teacher else 0), h, w, generator=g)}
+    if not teacher:
+        for v in out.values():
+            v.requires_grad_(True)
+    return out
+
+
+def _inputs(B=2, K=4, H=32, W=40):
+    g = torch.Generator().manual_seed(2)
+    frames = torch.rand(B, 3, 3, H, W, generator=g) * 255
+    label = torch.randint(0, K, (B, H, W), generator=g)
+    label[:, :3] = 255
+    flow = torch.randn(B, 2, 2, H, W, generator=g) * 2
+    return frames, label, flow
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_each_loss_term_on_alone(term):
+    frames, label, flow = _inputs()
+    s, t = _fake_outputs(), _fake_outputs(teacher=True)
+    mf = __import__("tcloss").nn.MultiFrameDistillation(2, pool=4)
+    total, terms = compute_losses({term: 0.5}, frames, label, flow, s, t, mf)
+    assert set(terms) == {term}
+    assert torch.isfinite(total) and torch.allclose(total, 0.5 * terms[term].float())
+    total.backward()
+    used = {"ce": ["logits"], "aux": ["aux"], "kd": ["logits"], "pa": ["feat"], "tl": ["logits"],
+            "pf": ["logits"], "mf": ["feat"]}[term]
+    for k, v in s.items():
+        has = v.grad is not None and v.grad.abs().sum() > 0
+        assert has == (k in used), (term, k)
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_each_loss_term_off(term):
+    frames, label, flow = _inputs()
+    s, t = _fake_outputs(), _fake_outputs(teacher=True)
+    mf = __import__("tcloss").nn.MultiFrameDistillation(2, pool=4)
+    weights = {k: 1.0 for k in TERMS if k != term}
+    total, terms = compute_losses(weights, frames, label, flow, s, t, mf)
+    assert set(terms) == set(TERMS) - {term}
+    assert torch.allclose(total, sum(terms.values()))
+
+
+def test_effective_weights_lambda():
+    cfg = trainer.load_config(None, ["student.losses.pf=false", "student.loss_weights.kd=10", "loss.lambda=0.2"])
+    w = effective_weights(cfg["student"], cfg["loss"]["lambda"])
+    assert "pf" not in w
+    assert w["ce"] == 1.0 and w["aux"] == 0.4  # supervised terms are not scaled by lambda (eq. 3)
+    assert w["kd"] == pytest.approx(2.0) and w["tl"] == pytest.approx(0.2) and w["mf"] == pytest.approx(0.2)
+
+
+def test_no_temporal_terms_use_one_frame():
+    frames, label, flow = _inputs()
+    s = {k: v[::3] for k, v in _fake_outputs().items()}  # only the labelled frame
+    total, terms = compute_losses({"ce": 1.0, "aux": 0.4}, frames, label, None, s)
+    assert set(terms) == {"ce", "aux"}
+    with pytest.raises(ValueError, match="three frames"):
+        compute_losses({"ce": 1.0, "tl": 0.1}, frames, label, flow, s)
+
+
+# ------------------------------------------------------------------ DDP (gloo, 2 ranks on CPU)
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    rc = main(argv)
+    if rc != 0:
+        raise SystemExit(rc)
+
+
+def test_ddp_two_ranks_identical_weights(tmp_path):
+    run_dir = tmp_path / "ddp"
+    argv = ["--preset", "smoke", "--set", f"run_dir={run_dir}", "--set", "teacher.iters=4", "--set",
+            "student.iters=4", "--set", "train.rank_checkpoints=true", "--set", "train.tensorboard=false"]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    ck = run_dir / "checkpoints"
+    for stage in ("teacher", "student"):
+        r0, r1 = _state(ck / f"{stage}_final_rank0.pt"), _state(ck / f"{stage}_final_rank1.pt")
+        _same_state(r0["model"], r1["model"])
+        _same_state(r0["model"], _state(ck / f"{stage}_final.pt")["model"])
+        if r0["mf"] is not None:
+            _same_state(r0["mf"], r1["mf"])
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert {"teacher", "student"} <= set(m)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "teacher_last.pt").write_bytes(b"x")
+    assert main(["--preset", "smoke", "--set", f"run_dir={tmp_path}", "--set", "overwrite=false"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and err.count("\n") == 1

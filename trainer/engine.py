@@ -1,0 +1,435 @@
+"""Stages of the method: teacher (CE + lambda TL), student (eq. 3), baseline (CE only), eval."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data._utils.collate import default_collate
+
+import models
+import tcloss
+import videodata
+
+from .config import ConfigError
+from .losses import compute_losses, effective_weights
+from .utils import JsonlLog, atomic_save, rng_states, seed_for, set_rng_states
+
+STAGE_ID = {"teacher": 1, "baseline": 2, "student": 3}
+
+
+class Stopped(Exception):
+    """max_iters_this_run reached; the checkpoint is written."""
+
+
+# ------------------------------------------------------------------ data
+
+def _flow_estimator(cfg):
+    name = cfg["data"]["flow"]
+    if name == "gt":
+        return None
+    opts = {"weights": cfg["data"]["flow_weights"]} if name.startswith("raft") else {}
+    return models.build_flow_estimator(name, **opts)
+
+
+def build_data(cfg, split: str):
+    d = cfg["data"]
+    train = split == "train"
+    opts = dict(mode="triplet" if train else "clip")
+    if d["name"] == "synthetic":
+        # validation clips come from other seeds than the training clips
+        opts.update(seed=cfg["seed"] + (0 if train else 10_000), num_classes=d["num_classes"])
+    else:
+        opts.update(root=d["root"], split=d["train_split"] if train else d["val_split"])
+        if d["flow"] == "gt":
+            raise ConfigError(f"data.flow=gt needs ground-truth flow, which only the synthetic data has; "
+                              f"use data.flow=dis (or raft_small / raft_large)")
+        opts["flow_estimator"] = _flow_estimator(cfg)
+    if d["size"] is not None:
+        opts["size"] = d["size"]
+    if train:
+        opts["max_distance"] = d["max_distance"]
+        if d["augment"]:
+            crop = d["crop_size"] or d["size"] or d["train_options"].get("size")
+            if crop is None and tuple(d["scale"]) != (1.0, 1.0):
+                raise ConfigError("data.crop_size is required with random scaling (batches need one size)")
+            opts["augment"] = videodata.TripletAugment(scale=d["scale"], crop_size=crop, hflip=d["hflip"])
+        opts.update(d["train_options"])
+    else:
+        opts["clip_length"] = d["clip_length"]
+        opts["sample_seed"] = cfg["seed"]
+        opts.update(d["val_options"])
+    try:
+        ds = videodata.build_dataset(d["name"], **opts)
+    except (FileNotFoundError, TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build the {split} data set: {exc}") from None
+    if getattr(ds, "num_classes", d["num_classes"]) != d["num_classes"]:
+        raise ConfigError(f"data.num_classes={d['num_classes']} but the {d['name']} data set has {ds.num_classes}")
+    return ds
+
+
+class _SeededItems(Dataset):
+    """Items addressed by (index, seed): the augmentation of an item depends only on the seed
+    (videodata draws it from torch's global RNG), whichever process or worker loads it."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        idx, seed = key
+        torch.manual_seed(seed)
+        return self.ds[idx]
+
+
+class IterationBatches:
+    """Batches for iterations [start, stop): the data order is a function of (seed, epoch) through
+    DistributedSampler (also for one process), so resuming at iteration i gives the same batches."""
+
+    def __init__(self, n_items, batch, world, rank, seed, stage_id, start, stop):
+        self.sampler = DistributedSampler(range(n_items), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=n_items >= world)
+        per_rank = len(self.sampler)
+        self.batch = batch
+        self.per_epoch = max(1, per_rank // batch)
+        self.seed, self.stage_id, self.start, self.stop = seed, stage_id, start, stop
+        self._epoch, self._order = None, None
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        for it in range(self.start, self.stop):
+            epoch, pos = divmod(it, self.per_epoch)
+            if epoch != self._epoch:
+                self.sampler.set_epoch(epoch)
+                self._order, self._epoch = list(self.sampler), epoch
+            idx = [self._order[(pos * self.batch + j) % len(self._order)] for j in range(self.batch)]
+            yield [(i, seed_for(self.seed, self.stage_id, epoch, i)) for i in idx]
+
+
+def iters_for(section, n_items, global_batch) -> int:
+    if section["epochs"] is not None:
+        return int(section["epochs"]) * max(1, math.ceil(n_items / global_batch))
+    return int(section["iters"])
+
+
+# ------------------------------------------------------------------ models
+
+def build_model(cfg, role: str, weights=None):
+    sec = cfg[role if role != "baseline" else "student"]
+    try:
+        return models.build_segmentation_model(sec["model"], cfg["data"]["num_classes"],
+                                               weights=weights if weights is not None else sec["weights"],
+                                               pretrained_backbone=sec["pretrained_backbone"],
+                                               **sec["model_options"])
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build the {role} model: {exc}") from None
+
+
+def param_groups(model, lr, head_mult):
+    """The paper's recipe: 10x lr on the randomly initialised heads, 1x on the backbone."""
+    back, head = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (back if name.startswith(("backbone.", "encoder.")) else head).append(p)
+    groups = [{"params": back, "lr_mult": 1.0}, {"params": head, "lr_mult": head_mult}]
+    return [g for g in groups if g["params"]]
+
+
+def _unwrap(m):
+    return m.module if hasattr(m, "module") else m
+
+
+def _autocast(cfg, device):
+    amp = cfg["train"]["amp"]
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        return contextlib.nullcontext()  # fp16 autocast is a GPU feature; warned at setup
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+# ------------------------------------------------------------------ training
+
+class Trainer:
+    def __init__(self, cfg, dist, run_dir: Path, resume: bool, out=print):
+        self.cfg, self.dist, self.run_dir, self.resume = cfg, dist, Path(run_dir), resume
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.log = JsonlLog(self.run_dir / "log.jsonl", enabled=dist.is_main)
+        self.out = out if dist.is_main else (lambda *a, **k: None)
+        self.iters_this_run = 0
+        self.tb = None
+        tb = cfg["train"]["tensorboard"]
+        if dist.is_main and tb in ("auto", True):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            except Exception:  # not installed: TensorBoard is optional
+                if tb is True:
+                    self.out("warning: tensorboard requested but not installed")
+        if cfg["train"]["amp"] == "fp16" and dist.device.type != "cuda":
+            self.out("warning: train.amp=fp16 needs CUDA; running in float32")
+        self._train_ds = None
+
+    @property
+    def train_ds(self):
+        if self._train_ds is None:
+            self._train_ds = build_data(self.cfg, "train")
+        return self._train_ds
+
+    def ckpt(self, stage, kind):
+        return self.ckpt_dir / f"{stage}_{kind}.pt"
+
+    def load_final(self, stage):
+        p = self.ckpt(stage, "final")
+        if not p.is_file():
+            return None
+        model = build_model(self.cfg, stage)
+        model.load_state_dict(torch.load(p, map_location="cpu", weights_only=False)["model"])
+        return model.to(self.dist.device)
+
+    def teacher_model(self):
+        model = self.load_final("teacher")
+        if model is None:
+            if self.cfg["teacher"]["weights"] is None:
+                raise ConfigError("the student stage needs a teacher: run the teacher stage first "
+                                  "(stages=all or teacher) or set teacher.weights")
+            model = build_model(self.cfg, "teacher").to(self.dist.device)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    # -- one training stage ------------------------------------------------
+    def train_stage(self, stage: str):
+        cfg, dev, dist = self.cfg, self.dist.device, self.dist
+        sec = cfg["teacher"] if stage == "teacher" else cfg["student"]
+        tcfg = cfg["train"]
+        if stage == "teacher":
+            weights = effective_weights(cfg["teacher"], cfg["loss"]["lambda"])
+        elif stage == "baseline":
+            weights = {k: float(cfg["student"]["loss_weights"][k]) for k in ("ce", "aux")
+                       if cfg["student"]["losses"][k]}
+        else:
+            weights = effective_weights(cfg["student"], cfg["loss"]["lambda"])
+        if not weights:
+            raise ConfigError(f"{stage} stage: every loss term is switched off")
+        final = self.ckpt(stage, "final")
+        if self.resume and final.is_file():
+            self.out(f"[{stage}] already finished ({final}); skipping")
+            return
+        teacher = self.teacher_model() if stage == "student" and any(
+            k in weights for k in ("kd", "pa", "pf", "mf")) else None
+
+        ds = self.train_ds
+        bs = tcfg["batch_size"]
+        total_iters = iters_for(sec, len(ds), bs * dist.world)
+        torch.manual_seed(seed_for(cfg["seed"], STAGE_ID[stage], 0, 0, 1))  # same init on every rank
+        model = build_model(cfg, stage).to(dev)
+        mf = None
+        if "mf" in weights:
+            m = cfg["student"]["mf"]
+            mf = tcloss.nn.MultiFrameDistillation(m["hidden_channels"], m["kernel_size"], pool=m["pool"],
+                                                  clip=m["clip"], regularizer=m["regularizer"],
+                                                  backend=cfg["loss"]["backend"]).to(dev)
+            if dist.enabled:  # outside the DDP wrapper: start from rank 0's weights explicitly
+                for p in mf.parameters():
+                    torch.distributed.broadcast(p.data, 0)
+        groups = param_groups(model, sec["lr"], tcfg["head_lr_mult"])
+        if mf is not None:
+            groups.append({"params": list(mf.parameters()), "lr_mult": cfg["student"]["mf"]["lr_mult"]})
+        opt = torch.optim.SGD(groups, lr=sec["lr"], momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
+        scaler = torch.amp.GradScaler(dev.type, enabled=tcfg["amp"] == "fp16" and dev.type == "cuda")
+
+        start = 0
+        last = self.ckpt(stage, "last")
+        if self.resume and last.is_file():
+            st = torch.load(last, map_location="cpu", weights_only=False)
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            if mf is not None and st.get("mf") is not None:
+                mf.load_state_dict(st["mf"])
+            if st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])
+            set_rng_states(st["rng"])
+            start = st["iteration"]
+            self.out(f"[{stage}] resuming at iteration {start}/{total_iters}")
+
+        if tcfg["sync_bn"] and dist.enabled:
+            if dev.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                self.out("warning: train.sync_bn needs CUDA; using per-process BatchNorm")
+        net = model
+        if dist.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters="aux" not in weights)
+        temporal = any(k in weights for k in ("tl", "pf", "mf"))
+
+        batches = IterationBatches(len(ds), bs, dist.world, dist.rank, cfg["seed"], STAGE_ID[stage], start,
+                                   total_iters)
+        loader = DataLoader(_SeededItems(ds), batch_sampler=batches, num_workers=cfg["data"]["num_workers"],
+                            collate_fn=default_collate)
+        bar = None
+        if dist.is_main and tcfg["progress"]:
+            from tqdm import tqdm
+            bar = tqdm(total=total_iters, initial=start, desc=stage, dynamic_ncols=True, leave=False)
+        lc = cfg["loss"]
+
+        def state():
+            return {"stage": stage, "iteration": it, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "mf": None if mf is None else mf.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_states(), "config": cfg}
+
+        vals = {}
+        t0 = time.time()
+        it = start
+        model.train()
+        for batch in loader:
+            # dropout etc. of this iteration: a function of (seed, stage, iteration, rank) only
+            torch.manual_seed(seed_for(cfg["seed"], STAGE_ID[stage], it, dist.rank, 7))
+            lr_scale = (1 - it / total_iters) ** tcfg["poly_power"]
+            for g in opt.param_groups:
+                g["lr"] = sec["lr"] * g["lr_mult"] * lr_scale
+            frames = batch["frames"].to(dev, non_blocking=True)
+            label = batch["label"].to(dev)
+            flow = batch["flow"].to(dev) if "flow" in batch else None
+            if temporal and flow is None:
+                raise ConfigError("temporal terms need flow: set data.flow (dis, raft_*) for data without GT flow")
+            B = frames.shape[0]
+            inp = frames.flatten(0, 1) if temporal else frames[:, 1]
+            with _autocast(cfg, dev):
+                s_out = net(inp)
+                t_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(inp)
+                total, terms = compute_losses(weights, frames, label, flow, s_out, t_out, mf,
+                                              kd_temperature=cfg["student"]["kd_temperature"],
+                                              pa_pool=cfg["student"]["pa_pool"], pf_pool=cfg["student"]["pf_pool"],
+                                              tl_on=lc["tl_on"], tl_mask_power=lc["tl_mask_power"],
+                                              backend=lc["backend"])
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if mf is not None:
+                dist.average_grads(mf.parameters())
+            scaler.step(opt)
+            scaler.update()
+            if mf is not None:
+                mf.clip_()  # keep the ConvLSTM weights in range (sec. 3.3), after every step
+            it += 1
+            self.iters_this_run += 1
+            vals = {k: float(v.detach()) for k, v in terms.items()}
+            vals["total"] = float(total.detach())
+            if not math.isfinite(vals["total"]):
+                raise FloatingPointError(f"[{stage}] non-finite loss at iteration {it}: {vals}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()}, refresh=False)
+            if it % tcfg["log_every"] == 0 or it == total_iters:
+                rec = {"stage": stage, "iter": it, "lr": opt.param_groups[0]["lr"], **vals,
+                       "time": round(time.time() - t0, 3)}
+                self.log.write(rec)
+                if self.tb is not None:
+                    for k, v in vals.items():
+                        self.tb.add_scalar(f"{stage}/{k}", v, it)
+            stop = tcfg["max_iters_this_run"] is not None and self.iters_this_run >= tcfg["max_iters_this_run"]
+            if dist.is_main and it < total_iters and (it % tcfg["ckpt_every"] == 0 or stop):
+                atomic_save(state(), last)
+            if stop and it < total_iters:
+                dist.barrier()
+                if bar is not None:
+                    bar.close()
+                raise Stopped(f"[{stage}] stopped at iteration {it}/{total_iters} (max_iters_this_run); "
+                              f"continue with --resume")
+        if bar is not None:
+            bar.close()
+        if dist.enabled:
+            # DDP keeps parameters in sync but BN running stats only at each forward's start
+            # (broadcast_buffers): make rank 0's the final ones everywhere.
+            for b in model.buffers():
+                torch.distributed.broadcast(b, 0)
+        if dist.is_main:
+            atomic_save(state(), last)
+            atomic_save({"stage": stage, "iteration": it, "model": model.state_dict(), "config": cfg}, final)
+        if tcfg["rank_checkpoints"] and dist.enabled:
+            atomic_save({"model": model.state_dict(), "mf": None if mf is None else mf.state_dict()},
+                        self.ckpt(stage, f"final_rank{dist.rank}"))
+        dist.barrier()
+        self.out(f"[{stage}] done: {total_iters} iterations, " +
+                 ", ".join(f"{k} {v:.4f}" for k, v in vals.items()) + f" ({time.time() - t0:.1f} s)")
+        stop = tcfg["max_iters_this_run"] is not None and self.iters_this_run >= tcfg["max_iters_this_run"]
+        if stop:
+            raise Stopped(f"[{stage}] finished; stopped (max_iters_this_run); continue with --resume")
+
+
+# ------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def predict(model, frames, size, chunk=8):
+    out = []
+    for i in range(0, frames.shape[0], chunk):
+        logits = model(frames[i:i + chunk])["logits"]
+        out.append(models.upsample_logits(logits, size).argmax(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def measure_fps(model, size, device, iters):
+    """Per-frame latency at batch 1 (the paper's setting: one frame at a time)."""
+    x = torch.rand(1, 3, *size, device=device) * 255
+    for _ in range(2):
+        model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / max(iters, 1)
+    return 1.0 / dt if dt > 0 else float("inf")
+
+
+@torch.no_grad()
+def evaluate(cfg, model, dist, val_ds):
+    """mIoU / pixel accuracy on labelled frames, TC over consecutive pairs (flow t -> t+1)."""
+    model.eval()
+    dev = dist.device
+    K = cfg["data"]["num_classes"]
+    seg = tcloss.metrics.SegmentationMetrics(K)
+    tc = tcloss.metrics.TemporalConsistency(K)
+    n = len(val_ds)
+    if cfg["data"]["val_max_clips"] is not None:
+        n = min(n, int(cfg["data"]["val_max_clips"]))
+    size = None
+    for i in range(dist.rank, n, dist.world):  # clips sharded across ranks, metrics summed below
+        clip = val_ds[i]
+        frames = clip["frames"].to(dev)
+        size = frames.shape[-2:]
+        pred = predict(model, frames, size)
+        lab = clip["labelled"].to(dev)
+        if lab.any():
+            seg.update(pred[lab], clip["labels"].to(dev)[lab])
+        if "flow" in clip and pred.shape[0] > 1:
+            tc.update(pred[:-1], pred[1:], clip["flow"].to(dev), clip.get("occlusion"))
+    if dist.enabled:
+        seg.all_reduce()
+        tc.all_reduce()
+    s, t = seg.compute(), tc.compute()
+    res = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "tc": t["tc"],
+           "params_m": models.count_parameters(_unwrap(model)) / 1e6}
+    if dist.is_main:
+        fsize = cfg["eval"]["fps_size"] or (list(size) if size is not None else [128, 128])
+        res["fps"] = measure_fps(model, tuple(fsize), dev, cfg["eval"]["fps_iters"])
+        res["fps_size"] = list(fsize)
+        res["device"] = str(dev)
+    return res

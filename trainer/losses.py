@@ -1,0 +1,104 @@
+"""Assembly of the training objective, eq. 3 of Liu et al. (ECCV 2020):
+
+    L = sum l_ce + lambda * (l_SF + sum l_tl + sum l_PF + l_MF)
+
+with l_SF = pixel-wise KD + pair-wise similarity (SF, sec. 3.2), l_tl the temporal loss (eq. 1),
+l_PF the pair-wise-frame term (eq. 2) and l_MF the multi-frame ConvLSTM term (eqs. 4-6).
+Every term comes from ``tcloss``; this module only decides which inputs go where. The triplet is
+[prev, labelled, next]; the labelled frame is t, each neighbour is a t+k.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+import models
+import tcloss
+
+SUPERVISED = ("ce", "aux")
+
+
+def effective_weights(section: dict, lam: float) -> Dict[str, float]:
+    """Weight of each enabled term: ce/aux as given, the rest times lambda (eq. 3). Off = absent."""
+    out = {}
+    for term, on in section["losses"].items():
+        if on:
+            w = float(section["loss_weights"][term])
+            out[term] = w if term in SUPERVISED else lam * w
+    return out
+
+
+def _pool(x: torch.Tensor, size) -> torch.Tensor:
+    return x if size is None else F.adaptive_avg_pool2d(x, size)
+
+
+def _full(logits: torch.Tensor, size) -> torch.Tensor:
+    return models.upsample_logits(logits, size)
+
+
+def compute_losses(weights: Dict[str, float], frames: torch.Tensor, label: torch.Tensor, flow: torch.Tensor,
+                   s_out: Dict[str, torch.Tensor], t_out: Optional[Dict[str, torch.Tensor]] = None,
+                   mf_module=None, *, kd_temperature: float = 1.0, pa_pool=None, pf_pool=None,
+                   tl_on: str = "prob", tl_mask_power: float = 1, backend: str = "auto",
+                   ignore_index: int = 255):
+    """Loss terms and the weighted total.
+
+    frames (B,3,3,H,W) float 0..255, label (B,H,W), flow (B,2,2,H,W) labelled->prev / ->next.
+    ``s_out``: the trained network's outputs on the frames flattened frame-major per sample,
+    i.e. logits (B*F,K,h,w) with F = 3 (the triplet) or F = 1 (only the labelled frame: allowed
+    when no temporal term is on). ``t_out``: the frozen teacher's outputs on the same frames
+    (needed by kd/pa/pf/mf). Returns (total, {term: unweighted value}).
+    """
+    B = frames.shape[0]
+    H, W = frames.shape[-2:]
+    nf = s_out["logits"].shape[0] // B
+
+    def frame(out, key, i):  # (B, ...) of frame i of the triplet
+        x = out[key]
+        return x.view(B, nf, *x.shape[1:])[:, i if nf == 3 else 0]
+
+    lab = 1 if nf == 3 else 0
+    terms: Dict[str, torch.Tensor] = {}
+    if "ce" in weights:
+        terms["ce"] = F.cross_entropy(_full(frame(s_out, "logits", lab), (H, W)), label, ignore_index=ignore_index)
+    if "aux" in weights and "aux" in s_out:
+        terms["aux"] = F.cross_entropy(_full(frame(s_out, "aux", lab), (H, W)), label, ignore_index=ignore_index)
+    temporal = [k for k in ("tl", "pf", "mf") if k in weights]
+    if temporal and nf != 3:
+        raise ValueError(f"terms {temporal} need the outputs of all three frames")
+    if any(k in weights for k in ("kd", "pa", "pf", "mf")) and t_out is None:
+        raise ValueError("distillation terms need the teacher's outputs")
+    if "kd" in weights:  # SF, pixel-wise: KL(q_T || q_S) at every pixel of the labelled frame
+        terms["kd"] = tcloss.pixelwise_kd(frame(s_out, "logits", lab), frame(t_out, "logits", lab).detach(),
+                                         temperature=kd_temperature)
+    if "pa" in weights:  # SF, pair-wise (eq. 5): self-similarity of the last feature maps
+        terms["pa"] = tcloss.pairwise_similarity_loss(_pool(frame(s_out, "feat", lab), pa_pool),
+                                                      _pool(frame(t_out, "feat", lab), pa_pool).detach(),
+                                                      backend=backend)
+    if "tl" in weights:  # eq. 1, labelled frame t against each neighbour t+k, flow t -> t+k
+        z_t = _full(frame(s_out, "logits", 1), (H, W))
+        vals = []
+        for j, nb in ((0, 0), (1, 2)):
+            z_k = _full(frame(s_out, "logits", nb), (H, W))
+            vals.append(tcloss.temporal_loss(z_t, z_k, flow[:, j], frames[:, 1], frames[:, nb], on=tl_on,
+                                             mask_power=tl_mask_power, backend=backend))
+        terms["tl"] = sum(vals) / 2
+    if "pf" in weights:  # eq. 2: cross-frame similarity of the predictions, student vs teacher
+        vals = []
+        for nb in (0, 2):
+            vals.append(tcloss.pairwise_similarity_loss(
+                _pool(frame(s_out, "logits", 1), pf_pool), _pool(frame(t_out, "logits", 1), pf_pool).detach(),
+                _pool(frame(s_out, "logits", nb), pf_pool), _pool(frame(t_out, "logits", nb), pf_pool).detach(),
+                backend=backend))
+        terms["pf"] = sum(vals) / 2
+    if "mf" in weights:  # eqs. 4-6: ConvLSTM over the triplet's self-similarity maps
+        if mf_module is None:
+            raise ValueError("the mf term needs a MultiFrameDistillation module")
+        terms["mf"] = mf_module([frame(s_out, "feat", i) for i in range(3)],
+                                [frame(t_out, "feat", i).detach() for i in range(3)])
+    total = sum(weights[k] * v.float() for k, v in terms.items())
+    if not terms:
+        raise ValueError("no loss term is enabled")
+    return total, terms
