@@ -79,10 +79,15 @@ def compute_losses(weights: Dict[str, float], frames: torch.Tensor, label: torch
                                                       backend=backend)
     if "tl" in weights:  # eq. 1, labelled frame t against each neighbour t+k, flow t -> t+k
         z_t = _full(frame(s_out, "logits", 1), (H, W))
+        # The occlusion mask exp(-|sum_c dI_c|) depends on the image scale: on raw 0..255 values
+        # it is ~0 wherever the warp is off by a few intensity levels (noise included), which
+        # switches TL off almost everywhere. Frames in [0, 1] keep it a soft mask (the released
+        # code fed ImageNet-normalised images, a similar scale).
+        img = frames / 255.0
         vals = []
         for j, nb in ((0, 0), (1, 2)):
             z_k = _full(frame(s_out, "logits", nb), (H, W))
-            vals.append(tcloss.temporal_loss(z_t, z_k, flow[:, j], frames[:, 1], frames[:, nb], on=tl_on,
+            vals.append(tcloss.temporal_loss(z_t, z_k, flow[:, j], img[:, 1], img[:, nb], on=tl_on,
                                              mask_power=tl_mask_power, backend=backend))
         terms["tl"] = sum(vals) / 2
     if "pf" in weights:  # eq. 2: cross-frame similarity of the predictions, student vs teacher
