@@ -8,39 +8,26 @@ explains the motion), and every available backend gives the same number.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-import tcloss
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: models/, videodata/
+import tcloss  # noqa: E402
+from models import read_flo  # noqa: E402
+from videodata import read_image  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flyingchairs_examples"
-
-
-def read_flo(path):
-    with open(path, "rb") as f:
-        if np.fromfile(f, np.float32, 1)[0] != 202021.25:
-            raise ValueError(f"{path}: not a Middlebury .flo file")
-        w, h = np.fromfile(f, np.int32, 2)
-        return np.fromfile(f, np.float32, 2 * w * h).reshape(h, w, 2)
-
-
-def read_ppm(path):
-    with open(path, "rb") as f:
-        assert f.readline().strip() == b"P6"
-        w, h = map(int, f.readline().split())
-        f.readline()
-        return np.frombuffer(f.read(w * h * 3), np.uint8).reshape(h, w, 3)
 
 
 def pairs(n):
     if DATA.is_dir():
         for k in range(n):
-            to_t = lambda a: torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()  # noqa: E731
-            yield (f"flyingchairs {k:07d}", to_t(read_ppm(DATA / f"{k:07d}-img0.ppm")) / 255,
-                   to_t(read_ppm(DATA / f"{k:07d}-img1.ppm")) / 255, to_t(read_flo(DATA / f"{k:07d}-gt.flo")))
+            flow = torch.from_numpy(read_flo(DATA / f"{k:07d}-gt.flo")).permute(2, 0, 1)[None].float()
+            yield (f"flyingchairs {k:07d}", read_image(DATA / f"{k:07d}-img0.ppm")[None] / 255,
+                   read_image(DATA / f"{k:07d}-img1.ppm")[None] / 255, flow)
     else:
         g = torch.Generator().manual_seed(0)
         img1 = torch.rand(1, 3, 96, 128, generator=g)

@@ -1,6 +1,7 @@
 """Shared test helpers: which backends run where, tolerances, the shared sample data."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 import tcloss
 from tcloss import _backends
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # models/, videodata/, trainer/ live beside train.py, not in the package
+SHARED_DATA = ROOT.parent / "shared" / "data"
 INTERPRET = _backends.triton_interpret()
 HAS_CUDA = torch.cuda.is_available()
 

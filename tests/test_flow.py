@@ -12,6 +12,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models import build_flow_estimator, read_flo, resize_flow, write_flo  # noqa: E402
+import videodata  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHAIRS = SHARED_DATA / "flyingchairs_examples"
@@ -26,10 +27,7 @@ def _grid_warp(img, flow):
 
 
 def _read_rgb(path):
-    import cv2
-
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1]
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
+    return videodata.read_image(path)[None]
 
 
 @pytest.mark.skipif(not CHAIRS.is_dir(), reason=f"shared FlyingChairs sample not found at {CHAIRS}")

@@ -14,6 +14,9 @@ import tcloss
 from tcloss import reference as R
 from conftest import INTERPRET, TOL, kernel_params
 
+from models import read_flo  # noqa: E402  (repo root is on sys.path under pytest)
+from videodata import read_image  # noqa: E402
+
 KERNELS = kernel_params("temporal_loss")
 
 
@@ -344,32 +347,14 @@ def test_occlusion_mask_modes():
 
 # ---------------------------------------------------------------- real data ----------------------
 
-def read_flo(path):
-    with open(path, "rb") as f:
-        assert np.fromfile(f, np.float32, 1)[0] == 202021.25
-        w, h = np.fromfile(f, np.int32, 2)
-        return np.fromfile(f, np.float32, 2 * w * h).reshape(h, w, 2)
-
-
-def read_ppm(path):
-    with open(path, "rb") as f:
-        assert f.readline().strip() == b"P6"
-        line = f.readline()
-        while line.startswith(b"#"):
-            line = f.readline()
-        w, h = map(int, line.split())
-        assert int(f.readline()) == 255
-        return np.frombuffer(f.read(w * h * 3), np.uint8).reshape(h, w, 3)
-
-
 @pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference")] + KERNELS)
 def test_flyingchairs_gt_flow_reproduces_img0(shared_data, backend, device):
     root = shared_data / "flyingchairs_examples"
     n = 1 if INTERPRET else 3
     for k in range(n):
-        img0 = torch.from_numpy(read_ppm(root / f"{k:07d}-img0.ppm").copy()).permute(2, 0, 1)[None].float() / 255
-        img1 = torch.from_numpy(read_ppm(root / f"{k:07d}-img1.ppm").copy()).permute(2, 0, 1)[None].float() / 255
-        flow = torch.from_numpy(read_flo(root / f"{k:07d}-gt.flo").copy()).permute(2, 0, 1)[None]
+        img0 = read_image(root / f"{k:07d}-img0.ppm")[None] / 255
+        img1 = read_image(root / f"{k:07d}-img1.ppm")[None] / 255
+        flow = torch.from_numpy(read_flo(root / f"{k:07d}-gt.flo")).permute(2, 0, 1)[None].float()
         if INTERPRET:  # the interpreter is slow: a crop
             img0, img1, flow = img0[..., 100:164, 200:264], img1[..., 100:164, 200:264], flow[..., 100:164, 200:264]
         img0, img1, flow = img0.to(device), img1.to(device), flow.to(device)
