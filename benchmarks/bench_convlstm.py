@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import tcloss
-from conftest import HAS_CUDA, backends_for, cpu_peak_extra, cuda_peak_extra, rss_rise, sync
+from conftest import HAS_CUDA, backend_params, backends_for, cpu_peak_extra, cuda_peak_extra, rss_rise, sync
 
 # (path, B, Hd, H, W)
 CPU_CELL = [("mf", 8, 4, 576, 576), ("feat", 8, 64, 96, 96)]
@@ -103,25 +103,13 @@ def cpu_rss_step(backend, shape):
     return rss_rise(lambda: step_fwd_bwd(inputs))
 
 
-def _params(cpu_shapes, gpu_shapes):
-    out = []
-    for b in backends_for("convlstm_cell", "cpu"):
-        for s in cpu_shapes:
-            out.append(pytest.param("cpu", b, s, id=f"cpu-{b}-{_name(s)}"))
-    if HAS_CUDA:
-        for b in backends_for("convlstm_cell", "cuda"):
-            for s in gpu_shapes:
-                out.append(pytest.param("cuda", b, s, id=f"cuda-{b}-{_name(s)}"))
-    return out
-
-
 def _record(benchmark, device_info, op, device, backend, shape):
     benchmark.extra_info.update(device_info)
     benchmark.extra_info.update(op=op, pass_="fwd+bwd", backend=backend, shape=list(shape[1:]), path=shape[0],
                                 device=device)
 
 
-@pytest.mark.parametrize("device,backend,shape", _params(CPU_CELL, GPU_CELL))
+@pytest.mark.parametrize("device,backend,shape", backend_params("convlstm_cell", CPU_CELL, GPU_CELL, _name))
 def test_cell_fwd_bwd(benchmark, device_info, device, backend, shape):
     inputs = make_cell(shape, device)
     benchmark.group = f"convlstm_cell fwd+bwd {device} {_name(shape)}"
@@ -143,7 +131,7 @@ def test_cell_fwd_bwd(benchmark, device_info, device, backend, shape):
     benchmark.pedantic(step, rounds=10 if device == "cuda" else 5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("device,backend,shape", _params(CPU_STEP, GPU_STEP))
+@pytest.mark.parametrize("device,backend,shape", backend_params("convlstm_cell", CPU_STEP, GPU_STEP, _name))
 def test_step_fwd_bwd(benchmark, device_info, device, backend, shape):
     inputs = make_step(shape, device, backend)
     benchmark.group = f"convlstm step (conv + cell) fwd+bwd {device} {_name(shape)}"

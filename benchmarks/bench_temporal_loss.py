@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tcloss
-from conftest import HAS_CUDA, backends_for, cpu_peak_extra, cuda_peak_extra, rss_rise, sync
+from conftest import HAS_CUDA, backend_params, backends_for, cpu_peak_extra, cuda_peak_extra, rss_rise, sync
 
 CPU_SHAPES = [(2, 19, 256, 512), (1, 19, 512, 1024)]
 GPU_SHAPES = [(8, 19, 512, 1024), (8, 19, 769, 769)]
@@ -43,19 +43,7 @@ def cpu_rss_fwd_bwd(backend, shape):
     return rss_rise(lambda: fwd_bwd(backend, inputs))
 
 
-def _params():
-    out = []
-    for b in backends_for("temporal_loss", "cpu"):
-        for s in CPU_SHAPES:
-            out.append(pytest.param("cpu", b, s, id=f"cpu-{b}-{'x'.join(map(str, s))}"))
-    if HAS_CUDA:
-        for b in backends_for("temporal_loss", "cuda"):
-            for s in GPU_SHAPES:
-                out.append(pytest.param("cuda", b, s, id=f"cuda-{b}-{'x'.join(map(str, s))}"))
-    return out
-
-
-@pytest.mark.parametrize("device,backend,shape", _params())
+@pytest.mark.parametrize("device,backend,shape", backend_params("temporal_loss", CPU_SHAPES, GPU_SHAPES))
 def test_temporal_loss_fwd_bwd(benchmark, device_info, device, backend, shape):
     inputs = make(shape, device)
     benchmark.group = f"temporal_loss fwd+bwd {device} {'x'.join(map(str, shape))}"

@@ -29,6 +29,16 @@ def backends_for(op: str, device: str) -> list[str]:
     return names
 
 
+def backend_params(op: str, cpu_shapes, gpu_shapes, name=lambda s: "x".join(map(str, s))) -> list:
+    """pytest params (device, backend, shape): every backend of ``op`` on the CPU shapes, and on
+    the GPU shapes when CUDA is present."""
+    out = []
+    for device, shapes in (("cpu", cpu_shapes), ("cuda", gpu_shapes if HAS_CUDA else [])):
+        for b in backends_for(op, device) if shapes else []:
+            out += [pytest.param(device, b, s, id=f"{device}-{b}-{name(s)}") for s in shapes]
+    return out
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -29,6 +29,30 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def _check_temporal_options(on, mask_mode, mask_power, padding, reduction) -> None:
+    """Options of temporal_loss / nn.TemporalLoss."""
+    _check_choice("on", on, ("prob", "logit"))
+    _check_choice("mask_mode", mask_mode, reference.MASK_MODES)
+    _check_choice("padding", padding, reference.PADDINGS)
+    _check_choice("reduction", reduction, reference.REDUCTIONS)
+    if isinstance(mask_power, bool) or not isinstance(mask_power, numbers.Real) or not mask_power >= 0:
+        raise ValueError(f"mask_power must be a non-negative number, got {mask_power!r}")
+
+
+def _check_pairwise_options(loss, temperature, algorithm, detach_norm, eps) -> None:
+    """Options of pairwise_similarity_loss / nn.PairwiseSimilarityLoss."""
+    _check_choice("loss", loss, reference.PAIRWISE_LOSSES)
+    _check_choice("algorithm", algorithm, reference.PAIRWISE_ALGORITHMS)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not isinstance(detach_norm, bool):
+        raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
+    if loss == "kl" and algorithm == "gram":
+        raise ValueError("algorithm='gram' is an identity for loss='mse' only; use 'blocked' or 'naive' for 'kl'")
+
+
 def _check_flow(flow, B: int, H: int, W: int, device: torch.device, name: str = "flow") -> None:
     _check_tensor(name, flow, 4)
     if tuple(flow.shape) != (B, 2, H, W):
@@ -128,12 +152,7 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
         raise ValueError("pred_t must have at least one channel")
     _check_flow(flow, B, H, W, pred_t.device)
     _check_images(img_t, img_tk, B, H, W, pred_t.device)
-    _check_choice("on", on, ("prob", "logit"))
-    _check_choice("mask_mode", mask_mode, reference.MASK_MODES)
-    _check_choice("padding", padding, reference.PADDINGS)
-    _check_choice("reduction", reduction, reference.REDUCTIONS)
-    if isinstance(mask_power, bool) or not isinstance(mask_power, numbers.Real) or not mask_power >= 0:
-        raise ValueError(f"mask_power must be a non-negative number, got {mask_power!r}")
+    _check_temporal_options(on, mask_mode, mask_power, padding, reduction)
     if pred_tk.dtype != pred_t.dtype:  # e.g. mixed autocast outputs: compute in the wider type
         dt = torch.promote_types(pred_t.dtype, pred_tk.dtype)
         pred_t, pred_tk = pred_t.to(dt), pred_tk.to(dt)
@@ -223,16 +242,7 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but the teacher is a constant of the distillation loss: "
                                  f"pass {name}.detach()")
-    _check_choice("loss", loss, reference.PAIRWISE_LOSSES)
-    _check_choice("algorithm", algorithm, reference.PAIRWISE_ALGORITHMS)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if not isinstance(detach_norm, bool):
-        raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
-    if loss == "kl" and algorithm == "gram":
-        raise ValueError("algorithm='gram' is an identity for loss='mse' only; use 'blocked' or 'naive' for 'kl'")
+    _check_pairwise_options(loss, temperature, algorithm, detach_norm, eps)
 
     # Mixed dtypes (e.g. an fp16 teacher): compute in the widest.
     dt = student_a.dtype

@@ -24,12 +24,7 @@ class TemporalLoss(nn.Module):
                  padding: str = "border", detach_target: bool = False, reduction: str = "mean",
                  backend: str = "auto"):
         super().__init__()
-        F._check_choice("on", on, ("prob", "logit"))
-        F._check_choice("mask_mode", mask_mode, reference.MASK_MODES)
-        F._check_choice("padding", padding, reference.PADDINGS)
-        F._check_choice("reduction", reduction, reference.REDUCTIONS)
-        if isinstance(mask_power, bool) or not isinstance(mask_power, numbers.Real) or not mask_power >= 0:
-            raise ValueError(f"mask_power must be a non-negative number, got {mask_power!r}")
+        F._check_temporal_options(on, mask_mode, mask_power, padding, reduction)
         self.on, self.mask_mode, self.mask_power = on, mask_mode, mask_power
         self.padding, self.detach_target, self.reduction, self.backend = padding, detach_target, reduction, backend
 
@@ -53,16 +48,7 @@ class PairwiseSimilarityLoss(nn.Module):
     def __init__(self, *, loss: str = "mse", temperature: float = 1.0, algorithm: str = "auto",
                  detach_norm: bool = False, eps: float = 1e-8, backend: str = "auto"):
         super().__init__()
-        F._check_choice("loss", loss, reference.PAIRWISE_LOSSES)
-        F._check_choice("algorithm", algorithm, reference.PAIRWISE_ALGORITHMS)
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-        if not isinstance(detach_norm, bool):
-            raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
-        if loss == "kl" and algorithm == "gram":
-            raise ValueError("algorithm='gram' is an identity for loss='mse' only")
+        F._check_pairwise_options(loss, temperature, algorithm, detach_norm, eps)
         self.loss, self.temperature, self.algorithm = loss, temperature, algorithm
         self.detach_norm, self.eps, self.backend = detach_norm, eps, backend
 
