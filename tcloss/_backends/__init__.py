@@ -158,6 +158,9 @@ def available_backends(verbose: bool = False):
 # --- torch.library registration shared by every op's glue module --------------------------------
 
 _REGISTERED: set[str] = set()
+# Triton forward ops by stem, filled at registration (looked up, not imported, inside traced code:
+# torch.compile cannot trace importlib).
+_TRITON_FWD: dict[str, object] = {}
 
 
 def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_autograd, *,
@@ -189,6 +192,7 @@ def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_aut
     except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
         return
     fwd, bwd = getattr(mod, f"{stem}_fwd_triton"), getattr(mod, f"{stem}_bwd_triton")
+    _TRITON_FWD[stem] = fwd
     if triton_fakes:
         fwd.register_fake(fake_fwd)
         bwd.register_fake(fake_bwd)
@@ -203,5 +207,8 @@ def fwd_op(stem: str, triton_module: str, backend: str):
     if backend in ("cpp", "cuda"):
         return getattr(torch.ops.tcloss, f"{stem}_fwd")
     if backend == "triton":
-        return getattr(importlib.import_module(f".{triton_module}", __name__), f"{stem}_fwd_triton")
+        if stem not in _TRITON_FWD:
+            raise RuntimeError(f"backend 'triton' is not available for {stem}: module "
+                               f"tcloss._backends.{triton_module} did not import")
+        return _TRITON_FWD[stem]
     raise ValueError(f"no kernel op for backend {backend!r}")
