@@ -30,6 +30,19 @@ def parse_args(argv=None):
     p.add_argument("--stage", help="all | teacher | baseline | student | eval (same as --set stages=...)")
     p.add_argument("--run-dir", help="output folder (same as --set run_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoints in the run folder")
+    g = p.add_argument_group("per-frame inference (--stage predict)")
+    g.add_argument("--checkpoint", action="append", default=[], metavar="PT",
+                   help="a <stage>_final.pt of a run folder; give two (baseline, enhanced) for a side-by-side video")
+    g.add_argument("--input", help="a folder of frames (sorted by name) or a video file")
+    g.add_argument("--output", help="folder for the colour-coded frames (and side_by_side.mp4)")
+    g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--max-frames", type=int, default=None, help="only the first N frames of the input")
+    g = p.add_argument_group("ablation (Table 1, schemes a-h)")
+    g.add_argument("--ablation", action="store_true",
+                   help="train one teacher, then a student per scheme and seed; write table.md and the plot")
+    g.add_argument("--schemes", default="abcdefgh", help="which schemes, e.g. aeh (default: all)")
+    g.add_argument("--seeds", type=int, default=3, help="seeds for the baseline (a) and 'all' (h) (default 3)")
+    g.add_argument("--jobs", type=int, default=None, help="student runs at once (default: one per CPU core on CPU, 1 on CUDA)")
     return p.parse_args(argv)
 
 
@@ -127,6 +140,19 @@ def run(cfg, resume=False, out=print) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.stage == "predict":
+        extra = [f for f, v in (("--config", args.config), ("--preset", args.preset), ("--set", args.sets),
+                                ("--resume", args.resume), ("--ablation", args.ablation), ("--run-dir", args.run_dir))
+                 if v]
+        if extra:
+            print(f"train.py: error: --stage predict takes the model and its config from --checkpoint; "
+                  f"{', '.join(extra)} do not apply", file=sys.stderr)
+            return 2
+        from .predict import main as predict_main
+        return predict_main(args)
+    if args.ablation:
+        from .ablation import main as ablation_main
+        return ablation_main(args)
     sets = list(args.sets)
     if args.stage:
         sets.append(f"stages={args.stage}")

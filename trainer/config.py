@@ -25,11 +25,12 @@ DEFAULTS = {
     "seed": 0,
     "device": "auto",            # auto | cpu | cuda
     "stages": "all",             # all | teacher | student | baseline | eval | list of these
-    "run_baseline": False,
-    "overwrite": False,          # a fresh run (no --resume) may replace an earlier run's checkpoints       # 'all' also trains a CE-only student (Table 1 (a))
+    "run_baseline": False,       # 'all' also trains a CE-only student (Table 1 (a))
+    "overwrite": False,          # a fresh run (no --resume) may replace an earlier run's checkpoints
     "data": {
         "name": "synthetic",
         "root": None,
+        "seed": None,            # synthetic clips' seed (None: the run's seed); fixed across an ablation's seeds
         "num_classes": 6,
         "train_split": "train",
         "val_split": "val",

@@ -42,7 +42,8 @@ def build_data(cfg, split: str):
     opts = dict(mode="triplet" if train else "clip")
     if d["name"] == "synthetic":
         # validation clips come from other seeds than the training clips
-        opts.update(seed=cfg["seed"] + (0 if train else 10_000), num_classes=d["num_classes"])
+        base = cfg["seed"] if d["seed"] is None else d["seed"]
+        opts.update(seed=base + (0 if train else 10_000), num_classes=d["num_classes"])
     else:
         opts.update(root=d["root"], split=d["train_split"] if train else d["val_split"])
         if d["flow"] == "gt":

@@ -1,0 +1,253 @@
+"""Ablation of the loss terms (the structure of Table 1 of Liu et al., ECCV 2020).
+
+``python train.py --ablation`` trains one teacher (CE + aux + lambda TL), then one student per
+scheme and seed, each in its own run folder under ``run_dir``, all with the same data, network,
+budget and teacher; only the switched-on terms of eq. 3 differ:
+
+    a baseline (CE + aux)       e TL
+    b SF (pixel KD + pair-wise) f PF + MF
+    c PF                        g SF + PF + MF
+    d MF                        h SF + PF + MF + TL (all)
+
+Schemes a and h run with ``--seeds`` seeds (seed, seed+1, ...), the others with the config's
+seed; the seed changes the student's initialisation and batch order, not the data
+(``data.seed`` stays fixed). Students run as ``train.py`` subprocesses, ``--jobs`` at a time
+(one thread each on CPU). Written to ``run_dir``: ``table.md`` (mean ± std where seeded),
+``results.json``, ``miou_vs_tc.png``; ``--resume`` keeps finished runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+SCHEMES = {
+    "a": ("baseline", ()),
+    "b": ("SF", ("kd", "pa")),
+    "c": ("PF", ("pf",)),
+    "d": ("MF", ("mf",)),
+    "e": ("TL", ("tl",)),
+    "f": ("PF+MF", ("pf", "mf")),
+    "g": ("SF+PF+MF", ("kd", "pa", "pf", "mf")),
+    "h": ("SF+PF+MF+TL (all)", ("kd", "pa", "pf", "mf", "tl")),
+}
+SWITCHED = ("kd", "pa", "tl", "pf", "mf")  # ce and aux stay on in every scheme
+SEEDED = ("a", "h")
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "ablation.yaml"
+
+
+def _err(msg: str) -> int:
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _fmt(m, s):
+    if m is None:
+        return "-"
+    return f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
+
+
+def plan(schemes: str, seed: int, seeds: int):
+    """[(scheme, seed), ...] in running order (every scheme's first seed before extra seeds)."""
+    unknown = sorted(set(schemes) - set(SCHEMES))
+    if unknown or not schemes:
+        raise ConfigError(f"--schemes must be letters of {''.join(SCHEMES)}, got {schemes!r}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    order = [s for s in SCHEMES if s in schemes]
+    tasks = [(s, seed) for s in order]
+    tasks += [(s, seed + k) for k in range(1, seeds) for s in order if s in SEEDED]
+    return tasks
+
+
+def student_overrides(scheme: str) -> list:
+    on = SCHEMES[scheme][1]
+    return [f"student.losses.{t}={'true' if t in on else 'false'}" for t in SWITCHED]
+
+
+def table(results: dict, teacher: dict | None, cfg: dict) -> str:
+    """Markdown table: one row per scheme, mean ± std over its seeds."""
+    lines = ["| scheme | terms (+ CE, aux) | seeds | mIoU | pixel acc. | TC |",
+             "|---|---|---|---|---|---|"]
+    if teacher:
+        lines.append(f"| teacher ({cfg['teacher']['model']} {cfg['teacher']['model_options']}) | CE + TL | 1 | "
+                     f"{teacher['miou']:.1f} | {teacher['pixel_acc']:.1f} | {teacher['tc']:.1f} |")
+    for s, (name, terms) in SCHEMES.items():
+        runs = [r for r in results.get(s, []) if r.get("miou") is not None]
+        if not runs:
+            continue
+        cols = [_fmt(*_mean_std([r[k] for r in runs])) for k in ("miou", "pixel_acc", "tc")]
+        lines.append(f"| ({s}) {name} | {' + '.join(t.upper() for t in terms) or '-'} | {len(runs)} | "
+                     + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, teacher: dict | None, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for s, (name, _) in SCHEMES.items():
+        runs = [r for r in results.get(s, []) if r.get("miou") is not None]
+        if not runs:
+            continue
+        (mi, si), (mt, st) = _mean_std([r["miou"] for r in runs]), _mean_std([r["tc"] for r in runs])
+        ax.errorbar(mt, mi, xerr=st or 0, yerr=si or 0, fmt="o", capsize=3)
+        ax.annotate(f"({s}) {name}", (mt, mi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if len(runs) > 1:
+            ax.scatter([r["tc"] for r in runs], [r["miou"] for r in runs], s=8, c="grey", alpha=0.6)
+    if teacher:
+        ax.plot(teacher["tc"], teacher["miou"], "k*", ms=10)
+        ax.annotate("teacher", (teacher["tc"], teacher["miou"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xlabel("temporal consistency TC (%)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("Ablation of the loss terms (Table 1 schemes); bars: ± std over seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run(cmd, log: Path, threads: int) -> tuple[int, float]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)).returncode
+    return rc, time.time() - t0
+
+
+def main(args) -> int:
+    config = Path(args.config) if args.config else DEFAULT_CONFIG
+    sets = list(args.sets)
+    if args.stage:
+        return _err("--ablation runs its own stages; drop --stage")
+    if args.run_dir:
+        sets.append(f"run_dir={args.run_dir}")
+    try:
+        cfg = load_config(config, sets, args.preset)
+        tasks = plan(args.schemes, int(cfg["seed"]), args.seeds)
+    except ConfigError as exc:
+        return _err(str(exc))
+    run_dir = Path(cfg["run_dir"]).resolve()
+    if run_dir.exists() and not args.resume and any(run_dir.iterdir()) and not cfg["overwrite"]:
+        return _err(f"{run_dir} is not empty: pass --resume to keep its finished runs, or --set overwrite=true")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    on_cpu = cfg["device"] == "cpu" or (cfg["device"] == "auto" and not _cuda())
+    jobs = args.jobs or (max(1, min(cores, len(tasks))) if on_cpu else 1)
+    threads = max(1, cores // jobs) if on_cpu else max(1, cores)
+    base = [sys.executable, str(ROOT / "train.py"), "-c", str(config)]
+    if args.preset:
+        base += ["--preset", args.preset]
+    common = [a for s in sets + ["overwrite=true", "plots=false", "train.progress=false",
+                                 f"data.seed={cfg['data']['seed'] if cfg['data']['seed'] is not None else cfg['seed']}"]
+              for a in ("--set", s)]
+    out = print
+    t_all = time.time()
+
+    # -- teacher (once) ------------------------------------------------------
+    tdir = run_dir / "teacher"
+    tfinal = tdir / "checkpoints" / "teacher_final.pt"
+    if cfg["teacher"]["train"]:
+        if not (args.resume and tfinal.is_file() and (tdir / "metrics.json").is_file()):
+            tdir.mkdir(parents=True, exist_ok=True)
+            out(f"[ablation] teacher -> {tdir}")
+            rc, dt = _run(base + common + ["--set", "stages=[teacher,eval]", "--run-dir", str(tdir)],
+                          tdir / "stdout.log", cores if on_cpu else threads)
+            if rc != 0:
+                return _err(f"teacher training failed (exit {rc}); see {tdir / 'stdout.log'}")
+            out(f"[ablation] teacher done in {dt:.0f} s")
+        teacher_weights = tfinal
+    else:
+        if cfg["teacher"]["weights"] is None:
+            return _err("teacher.train=false needs teacher.weights")
+        teacher_weights = Path(cfg["teacher"]["weights"]).resolve()
+    teacher_metrics = None
+    if (tdir / "metrics.json").is_file():
+        teacher_metrics = json.loads((tdir / "metrics.json").read_text()).get("teacher")
+
+    # -- students ------------------------------------------------------------
+    def one(task):
+        scheme, seed = task
+        d = run_dir / f"{scheme}_seed{seed}"
+        if args.resume and (d / "metrics.json").is_file():
+            return task, 0, None
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = base + common + ["--set", "stages=[student,eval]", "--set", f"seed={seed}",
+                               "--set", "teacher.train=false", "--set", f"teacher.weights={teacher_weights}",
+                               "--run-dir", str(d)]
+        for o in student_overrides(scheme):
+            cmd += ["--set", o]
+        rc, dt = _run(cmd, d / "stdout.log", threads)
+        out(f"[ablation] ({scheme}) {SCHEMES[scheme][0]} seed {seed}: "
+            + ("done" if rc == 0 else f"FAILED (exit {rc}, see {d / 'stdout.log'})") + f" in {dt:.0f} s")
+        return task, rc, dt
+
+    out(f"[ablation] {len(tasks)} student runs, {jobs} at a time ({threads} thread(s) each)")
+    failed = []
+    times = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for (scheme, seed), rc, dt in pool.map(one, tasks):
+            if rc != 0:
+                failed.append(f"{scheme}_seed{seed}")
+            if dt is not None:
+                times[f"{scheme}_seed{seed}"] = round(dt, 1)
+
+    results: dict = {}
+    for scheme, seed in tasks:
+        m = run_dir / f"{scheme}_seed{seed}" / "metrics.json"
+        if m.is_file():
+            st = json.loads(m.read_text()).get("student")
+            if st:
+                results.setdefault(scheme, []).append({"seed": seed, **st})
+    md = ["# Ablation of the loss terms (Table 1 structure)", "",
+          f"Command: `python train.py --ablation -c {os.path.relpath(config, ROOT)}"
+          + "".join(f" --set {s}" for s in args.sets) + f" --seeds {args.seeds} --schemes {args.schemes}`", "",
+          f"Machine: {platform.machine()} {platform.system()}, {cores} cores, device {cfg['device']}; "
+          f"{jobs} run(s) at a time; total wall time {time.time() - t_all:.0f} s "
+          "(finished runs kept by --resume are not re-timed).", "",
+          f"Data: {cfg['data']['name']} (train {cfg['data']['train_options']}, val {cfg['data']['val_options']}), "
+          f"flow {cfg['data']['flow']}. Student: {cfg['student']['model']} {cfg['student']['model_options']}, "
+          f"{cfg['student']['iters']} iterations, batch {cfg['train']['batch_size']}, lambda "
+          f"{cfg['loss']['lambda']}. mean ± std over seeds (sample std).", "",
+          table(results, teacher_metrics, cfg), "",
+          "Per run:", "", "| run | mIoU | pixel acc. | TC | wall s |", "|---|---|---|---|---|"]
+    for scheme in SCHEMES:
+        for r in results.get(scheme, []):
+            k = f"{scheme}_seed{r['seed']}"
+            md.append(f"| {k} | {r['miou']:.1f} | {r['pixel_acc']:.1f} | {r['tc']:.1f} | {times.get(k, '-')} |")
+    if failed:
+        md += ["", f"FAILED runs: {', '.join(failed)}"]
+    (run_dir / "table.md").write_text("\n".join(md) + "\n")
+    (run_dir / "results.json").write_text(json.dumps(
+        {"teacher": teacher_metrics, "schemes": {s: {"name": SCHEMES[s][0], "terms": list(SCHEMES[s][1]),
+                                                     "runs": results.get(s, [])} for s in SCHEMES},
+         "times_s": times, "failed": failed}, indent=2))
+    if results and cfg["plots"]:
+        plot(results, teacher_metrics, run_dir / "miou_vs_tc.png")
+    out(table(results, teacher_metrics, cfg))
+    out(f"[ablation] wrote {run_dir / 'table.md'}, results.json, miou_vs_tc.png")
+    return 1 if failed else 0
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
