@@ -212,6 +212,78 @@ def test_camvid_errors(tmp_path):
         CamVid(tmp_path, "val")
 
 
+def test_camvid_frame_range_splits_a_sequence_in_time(shared_data):
+    root = shared_data / "camvid_0016E5"
+    if not root.is_dir():
+        pytest.skip(f"shared CamVid sample not found at {root}")
+    full = CamVid(root, "val")
+    train = CamVid(root, "val", frame_range=[0, 64], size=(45, 60), max_distance=5, sample_seed=0)
+    assert len(train) == 64 and train.seq_lengths == [64] and train.seq_labelled == [list(range(64))]
+    assert train._frames[0] == full._frames[0][:64] and train.frame_range == (0, 64)
+    held = CamVid(root, "val", frame_range=(72, 101), size=(45, 60), max_distance=5, sample_seed=0)
+    assert len(held) == 29 and held.seq_lengths == [29] and held._frames[0] == full._frames[0][72:]
+    # neighbours stay inside the range: clamped at its first / last frame
+    for ds, idx, end in ((train, 63, 63), (held, 0, 0)):
+        for seed in range(4):
+            ds.sample_seed = seed
+            off = ds[idx]["offsets"].tolist()
+            assert 0 <= idx + off[0] <= idx <= idx + off[2] <= len(ds) - 1
+            assert off[2 if end else 0] == 0
+    # evaluation: the held-out range as one clip of consecutive, labelled frames
+    clips = CamVid(root, "val", mode="clip", clip_length=None, frame_range=[72, 101], size=(45, 60))
+    assert len(clips) == 1
+    c = clips[0]
+    assert c["frames"].shape == (29, 3, 45, 60) and c["labelled"].all()
+    ref = CamVid(root, "val", mode="clip", clip_length=1, size=(45, 60))[72]
+    assert torch.equal(c["frames"][0], ref["frames"][0]) and torch.equal(c["labels"][0], ref["labels"][0])
+
+
+@pytest.mark.parametrize("bad", [[0, 0], [5, 2], [0, 5], [-1, 2],  # 4 labelled frames
+                                 [0.0, 2], "0:2", [1, 2, 3], [True, 2], 3])
+def test_camvid_frame_range_errors(tmp_path, bad):
+    for n in (10, 12, 14, 16):
+        _write_png(tmp_path / "val" / f"seq_{n:05d}.png", np.zeros((8, 8, 3), np.uint8))
+        _write_png(tmp_path / "valannot" / f"seq_{n:05d}.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="frame_range"):
+        CamVid(tmp_path, "val", frame_range=bad)
+    assert len(CamVid(tmp_path, "val", frame_range=[0, 4])) == 4
+
+
+def test_camvid_sequences_with_f_prefixed_frame_numbers(tmp_path):
+    # CamVid names 0006R0 / Seq05VD frames '<seq>_f<number>': they are sequences too
+    for stem in ("0006R0_f00930", "0006R0_f00960", "0006R0_f00990", "Seq05VD_f00000", "Seq05VD_f00030"):
+        _write_png(tmp_path / "val" / f"{stem}.png", np.zeros((8, 8, 3), np.uint8))
+        _write_png(tmp_path / "valannot" / f"{stem}.png", np.zeros((8, 8), np.uint8))
+    ds = CamVid(tmp_path, "val", max_distance=1, sample_seed=0)
+    assert ds.seq_names == ["0006R0", "Seq05VD"] and ds.seq_lengths == [3, 2]
+    assert [p.name for p in ds._frames[0]] == ["0006R0_f00930.png", "0006R0_f00960.png", "0006R0_f00990.png"]
+    assert ds[1]["offsets"].tolist() == [-1, 0, 1]
+
+
+def test_camvid_frame_range_with_frames_dir_and_two_sequences(tmp_path):
+    # labelled frames a_10, a_12, a_14, a_16, b_3, b_5; all frames of both videos in frames_dir
+    for seq, labelled, frames in (("a", (10, 12, 14, 16), range(9, 18)), ("b", (3, 5), range(8))):
+        for n in labelled:
+            _write_png(tmp_path / "val" / f"{seq}_{n:05d}.png", np.full((8, 8, 3), n, np.uint8))
+            _write_png(tmp_path / "valannot" / f"{seq}_{n:05d}.png", np.full((8, 8), n % 11, np.uint8))
+        for n in frames:
+            _write_png(tmp_path / "all" / f"{seq}_{n:05d}.png", np.full((8, 8, 3), n, np.uint8))
+    ds = CamVid(tmp_path, "val", frames_dir=tmp_path / "all", frame_range=[1, 3], max_distance=9, sample_seed=0)
+    # labelled a_12, a_14: frames 12..14 only (the unlabelled a_13 between them is kept)
+    assert ds.seq_names == ["a"] and ds.seq_lengths == [3] and ds.seq_labelled == [[0, 2]]
+    for seed in range(6):
+        ds.sample_seed = seed
+        nums = ds[1]["frames"][:, 0, 0, 0].tolist()
+        assert nums[1] == 14 and 12 <= nums[0] <= 14 and nums[2] == 14
+    # a range across the two sequences: a_16 (alone: one frame) and b_3, b_5 (frames 3..5)
+    ds = CamVid(tmp_path, "val", frames_dir=tmp_path / "all", frame_range=[3, 6])
+    assert ds.seq_names == ["a", "b"] and ds.seq_lengths == [1, 3] and ds.seq_labelled == [[0], [0, 2]]
+    assert [p.name for p in ds._frames[1]] == ["b_00003.png", "b_00004.png", "b_00005.png"]
+    clips = CamVid(tmp_path, "val", frames_dir=tmp_path / "all", frame_range=[3, 6], mode="clip")
+    assert [c["frames"].shape[0] for c in clips] == [1, 3]
+    assert clips[1]["labelled"].tolist() == [True, False, True]
+
+
 # ----------------------------------------------------------------------------- Cityscapes
 
 

@@ -171,7 +171,7 @@ def main(args) -> int:
             tdir.mkdir(parents=True, exist_ok=True)
             out(f"[ablation] teacher -> {tdir}")
             rc, dt = _run(base + common + ["--set", "stages=[teacher,eval]", "--run-dir", str(tdir)],
-                          tdir / "stdout.log", cores if on_cpu else threads)
+                          tdir / "stdout.log", threads)  # (2 threads beside another job: 10x slower here)
             if rc != 0:
                 return _err(f"teacher training failed (exit {rc}); see {tdir / 'stdout.log'}")
             out(f"[ablation] teacher done in {dt:.0f} s")

@@ -70,6 +70,8 @@ DEFAULTS = {
         "lr": 0.01,
         "losses": {"ce": True, "aux": True, "kd": True, "pa": True, "tl": True, "pf": True, "mf": True},
         "loss_weights": {"ce": 1.0, "aux": 0.4, "kd": 1.0, "pa": 1.0, "tl": 1.0, "pf": 1.0, "mf": 1.0},
+        "forward_triplet": "auto",    # auto: all 3 frames through the student only when tl/pf/mf need them
+                                      # (else the labelled frame); always: in every scheme (same BatchNorm batch)
         "kd_temperature": 1.0,
         "pa_pool": None,              # avg-pool features to this grid before pair-wise SF (None = full)
         "pf_pool": None,              # same for the pair-wise-frame term on predictions
@@ -225,6 +227,10 @@ def validate(cfg) -> None:
             raise ConfigError(f"data root not found: {d['root']}")
     if cfg["train"]["amp"] not in ("none", "bf16", "fp16"):
         raise ConfigError(f"train.amp must be none, bf16 or fp16, got {cfg['train']['amp']!r}")
+    if cfg["student"]["forward_triplet"] not in ("auto", "always"):
+        raise ConfigError(f"student.forward_triplet must be auto or always, got {cfg['student']['forward_triplet']!r}")
+    if cfg["data"]["seed"] is not None and not isinstance(cfg["data"]["seed"], int):
+        raise ConfigError(f"data.seed must be an int or null, got {cfg['data']['seed']!r}")
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {cfg['device']!r}")
     if not isinstance(cfg["train"]["batch_size"], int) or cfg["train"]["batch_size"] < 1:

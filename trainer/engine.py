@@ -232,7 +232,10 @@ class Trainer:
         ds = self.train_ds
         bs = tcfg["batch_size"]
         total_iters = iters_for(sec, len(ds), bs * dist.world)
-        torch.manual_seed(seed_for(cfg["seed"], STAGE_ID[stage], 0, 0, 1))  # same init on every rank
+        # The baseline draws from the student's streams: the same initial weights, batches and
+        # augmentation, so baseline vs student differ only in the loss terms (a paired comparison).
+        rng_id = STAGE_ID["student" if stage == "baseline" else stage]
+        torch.manual_seed(seed_for(cfg["seed"], rng_id, 0, 0, 1))  # same init on every rank
         model = build_model(cfg, stage).to(dev)
         mf = None
         if "mf" in weights:
@@ -274,8 +277,12 @@ class Trainer:
                 model, device_ids=[dev.index] if dev.type == "cuda" else None,
                 find_unused_parameters="aux" not in weights)
         temporal = any(k in weights for k in ("tl", "pf", "mf"))
+        # All three frames through the network (BatchNorm then sees 3x the images) when a temporal
+        # term needs them, or always with student.forward_triplet=always, which gives every scheme
+        # the same BatchNorm statistics (the ablation compares loss terms, not batch sizes).
+        whole = temporal or (stage != "teacher" and cfg["student"]["forward_triplet"] == "always")
 
-        batches = IterationBatches(len(ds), bs, dist.world, dist.rank, cfg["seed"], STAGE_ID[stage], start,
+        batches = IterationBatches(len(ds), bs, dist.world, dist.rank, cfg["seed"], rng_id, start,
                                    total_iters)
         loader = DataLoader(_SeededItems(ds), batch_sampler=batches, num_workers=cfg["data"]["num_workers"],
                             collate_fn=default_collate)
@@ -296,7 +303,7 @@ class Trainer:
         model.train()
         for batch in loader:
             # dropout etc. of this iteration: a function of (seed, stage, iteration, rank) only
-            torch.manual_seed(seed_for(cfg["seed"], STAGE_ID[stage], it, dist.rank, 7))
+            torch.manual_seed(seed_for(cfg["seed"], rng_id, it, dist.rank, 7))
             lr_scale = (1 - it / total_iters) ** tcfg["poly_power"]
             for g in opt.param_groups:
                 g["lr"] = sec["lr"] * g["lr_mult"] * lr_scale
@@ -306,7 +313,7 @@ class Trainer:
             if temporal and flow is None:
                 raise ConfigError("temporal terms need flow: set data.flow (dis, raft_*) for data without GT flow")
             B = frames.shape[0]
-            inp = frames.flatten(0, 1) if temporal else frames[:, 1]
+            inp = frames.flatten(0, 1) if whole else frames[:, 1]
             with _autocast(cfg, dev):
                 s_out = net(inp)
                 t_out = None
