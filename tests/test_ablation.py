@@ -31,6 +31,9 @@ def test_plan_seeds_only_baseline_and_all():
     assert tasks[:5] == [("a", 5), ("b", 5), ("c", 5), ("e", 5), ("h", 5)]
     assert sorted(tasks[5:]) == [("a", 6), ("a", 7), ("h", 6), ("h", 7)]
     assert plan("e", 0, 3) == [("e", 0)]
+    assert plan("ae", 0, 2, seeded="abcdefgh") == [("a", 0), ("e", 0), ("a", 1), ("e", 1)]
+    with pytest.raises(ConfigError, match="--seeded"):
+        plan("a", 0, 2, seeded="q")
     with pytest.raises(ConfigError, match="--schemes"):
         plan("az", 0, 1)
     with pytest.raises(ConfigError, match="--seeds"):

@@ -9,8 +9,8 @@ budget and teacher; only the switched-on terms of eq. 3 differ:
     c PF                        g SF + PF + MF
     d MF                        h SF + PF + MF + TL (all)
 
-Schemes a and h run with ``--seeds`` seeds (seed, seed+1, ...), the others with the config's
-seed; the seed changes the student's initialisation and batch order, not the data
+Schemes a and h (``--seeded``) run with ``--seeds`` seeds (seed, seed+1, ...), the others with
+the config's seed; the seed changes the student's initialisation and batch order, not the data
 (``data.seed`` stays fixed). Students run as ``train.py`` subprocesses, ``--jobs`` at a time
 (one thread each on CPU). Written to ``run_dir``: ``table.md`` (mean ± std where seeded),
 ``results.json``, ``miou_vs_tc.png``; ``--resume`` keeps finished runs.
@@ -63,16 +63,17 @@ def _fmt(m, s):
     return f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
 
 
-def plan(schemes: str, seed: int, seeds: int):
-    """[(scheme, seed), ...] in running order (every scheme's first seed before extra seeds)."""
-    unknown = sorted(set(schemes) - set(SCHEMES))
-    if unknown or not schemes:
-        raise ConfigError(f"--schemes must be letters of {''.join(SCHEMES)}, got {schemes!r}")
+def plan(schemes: str, seed: int, seeds: int, seeded: str = "".join(SEEDED)):
+    """[(scheme, seed), ...] in running order (every scheme's first seed before extra seeds);
+    the schemes in ``seeded`` get ``seeds`` seeds, the others one."""
+    for name, val in (("--schemes", schemes), ("--seeded", seeded)):
+        if set(val) - set(SCHEMES) or (name == "--schemes" and not val):
+            raise ConfigError(f"{name} must be letters of {''.join(SCHEMES)}, got {val!r}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     order = [s for s in SCHEMES if s in schemes]
     tasks = [(s, seed) for s in order]
-    tasks += [(s, seed + k) for k in range(1, seeds) for s in order if s in SEEDED]
+    tasks += [(s, seed + k) for k in range(1, seeds) for s in order if s in seeded]
     return tasks
 
 
@@ -143,7 +144,7 @@ def main(args) -> int:
         sets.append(f"run_dir={args.run_dir}")
     try:
         cfg = load_config(config, sets, args.preset)
-        tasks = plan(args.schemes, int(cfg["seed"]), args.seeds)
+        tasks = plan(args.schemes, int(cfg["seed"]), args.seeds, args.seeded)
     except ConfigError as exc:
         return _err(str(exc))
     run_dir = Path(cfg["run_dir"]).resolve()
@@ -217,10 +218,11 @@ def main(args) -> int:
         if m.is_file():
             st = json.loads(m.read_text()).get("student")
             if st:
-                results.setdefault(scheme, []).append({"seed": seed, **st})
+                results.setdefault(scheme, []).append({"seed": seed, **st, "train_s": _train_seconds(m.parent)})
     md = ["# Ablation of the loss terms (Table 1 structure)", "",
           f"Command: `python train.py --ablation -c {os.path.relpath(config, ROOT)}"
-          + "".join(f" --set {s}" for s in args.sets) + f" --seeds {args.seeds} --schemes {args.schemes}`", "",
+          + "".join(f" --set {s}" for s in args.sets) + f" --seeds {args.seeds} --seeded {args.seeded} --schemes {args.schemes}`"
+          + (" (continued with --resume: the runs of an earlier call were kept)" if args.resume else ""), "",
           f"Machine: {platform.machine()} {platform.system()}, {cores} cores, device {cfg['device']}; "
           f"{jobs} run(s) at a time; total wall time {time.time() - t_all:.0f} s "
           "(finished runs kept by --resume are not re-timed).", "",
@@ -229,11 +231,13 @@ def main(args) -> int:
           f"{cfg['student']['iters']} iterations, batch {cfg['train']['batch_size']}, lambda "
           f"{cfg['loss']['lambda']}. mean ± std over seeds (sample std).", "",
           table(results, teacher_metrics, cfg), "",
-          "Per run:", "", "| run | mIoU | pixel acc. | TC | wall s |", "|---|---|---|---|---|"]
+          "Per run (training time of the student stage, from its log.jsonl; runs shared the cores):", "",
+          "| run | mIoU | pixel acc. | TC | training s |", "|---|---|---|---|---|"]
     for scheme in SCHEMES:
         for r in results.get(scheme, []):
             k = f"{scheme}_seed{r['seed']}"
-            md.append(f"| {k} | {r['miou']:.1f} | {r['pixel_acc']:.1f} | {r['tc']:.1f} | {times.get(k, '-')} |")
+            ts = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
+            md.append(f"| {k} | {r['miou']:.1f} | {r['pixel_acc']:.1f} | {r['tc']:.1f} | {ts} |")
     if failed:
         md += ["", f"FAILED runs: {', '.join(failed)}"]
     (run_dir / "table.md").write_text("\n".join(md) + "\n")
@@ -246,6 +250,16 @@ def main(args) -> int:
     out(table(results, teacher_metrics, cfg))
     out(f"[ablation] wrote {run_dir / 'table.md'}, results.json, miou_vs_tc.png")
     return 1 if failed else 0
+
+
+def _train_seconds(run: Path):
+    """Training time of the student stage: the last record of the run's log.jsonl."""
+    try:
+        recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    recs = [r for r in recs if r.get("stage") == "student"]
+    return recs[-1].get("time") if recs else None
 
 
 def _cuda() -> bool:
