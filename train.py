@@ -7,6 +7,8 @@ Per-frame Inference" (ECCV 2020): teacher (CE + lambda TL) -> student (eq. 3) ->
     python train.py -c configs/cityscapes_pspnet18.yaml --set data.root=/data/cityscapes
     torchrun --nproc_per_node=4 train.py -c configs/cityscapes_pspnet18.yaml ...
     python train.py --resume                 # continue a killed run from its last checkpoints
+    python train.py --ablation               # Table 1's schemes a-h on the synthetic video (~25 min on 2 cores)
+    python train.py --stage predict --checkpoint run/checkpoints/student_final.pt --input frames/ --output out/
 
 See trainer/ for the pieces and configs/ for the recipes.
 """

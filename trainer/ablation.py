@@ -100,28 +100,31 @@ def table(results: dict, teacher: dict | None, cfg: dict) -> str:
 
 
 def plot(results: dict, teacher: dict | None, path: Path) -> None:
+    """mIoU vs TC: one colour per scheme, mean ± std bars, the single seeds as small dots."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for s, (name, _) in SCHEMES.items():
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    colours = plt.get_cmap("tab10")
+    for i, (s, (name, _)) in enumerate(SCHEMES.items()):
         runs = [r for r in results.get(s, []) if r.get("miou") is not None]
         if not runs:
             continue
         (mi, si), (mt, st) = _mean_std([r["miou"] for r in runs]), _mean_std([r["tc"] for r in runs])
-        ax.errorbar(mt, mi, xerr=st or 0, yerr=si or 0, fmt="o", capsize=3)
-        ax.annotate(f"({s}) {name}", (mt, mi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        c = colours(i)
+        ax.errorbar(mt, mi, xerr=st or 0, yerr=si or 0, fmt="o", ms=7, capsize=3, color=c, alpha=0.9,
+                    label=f"({s}) {name}" + (f", {len(runs)} seeds" if len(runs) > 1 else ""))
+        ax.annotate(s, (mt, mi), textcoords="offset points", xytext=(4, 4), fontsize=10, color=c, weight="bold")
         if len(runs) > 1:
-            ax.scatter([r["tc"] for r in runs], [r["miou"] for r in runs], s=8, c="grey", alpha=0.6)
+            ax.scatter([r["tc"] for r in runs], [r["miou"] for r in runs], s=10, color=c, alpha=0.45)
     if teacher:
-        ax.plot(teacher["tc"], teacher["miou"], "k*", ms=10)
-        ax.annotate("teacher", (teacher["tc"], teacher["miou"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.plot(teacher["tc"], teacher["miou"], "k*", ms=11, label="teacher")
     ax.set_xlabel("temporal consistency TC (%)")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title("Ablation of the loss terms (Table 1 schemes); bars: ± std over seeds")
+    ax.set_title("Loss-term ablation (Table 1 schemes): mean ± std, dots = seeds", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
