@@ -175,7 +175,7 @@ def main(args) -> int:
             tdir.mkdir(parents=True, exist_ok=True)
             out(f"[ablation] teacher -> {tdir}")
             rc, dt = _run(base + common + ["--set", "stages=[teacher,eval]", "--run-dir", str(tdir)],
-                          tdir / "stdout.log", threads)  # (2 threads beside another job: 10x slower here)
+                          tdir / "stdout.log", threads)  # 2 OpenMP threads beside a busy job: ~18x slower here
             if rc != 0:
                 return _err(f"teacher training failed (exit {rc}); see {tdir / 'stdout.log'}")
             out(f"[ablation] teacher done in {dt:.0f} s")
