@@ -92,7 +92,7 @@ class Predictor:
     def __init__(self, path: Path, device: torch.device):
         self.path = path
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
         except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, pickled from unknown code ...
             raise ConfigError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
