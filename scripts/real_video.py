@@ -138,39 +138,6 @@ def video_tc(model, frames, flow, num_classes):
             "class_fraction": (counts / counts.sum()).tolist()}
 
 
-def clips_agreement(model, val_ds, num_classes):
-    """TC and pixel agreement over the consecutive pairs of every evaluation clip (the TC that
-    ``trainer.engine.evaluate`` reports, plus the fraction of compared pixels that agree)."""
-    import torch
-
-    import tcloss
-    from trainer.engine import predict
-
-    model.eval()
-    tc = tcloss.metrics.TemporalConsistency(num_classes)
-    for i in range(len(val_ds)):
-        clip = val_ds[i]
-        if "flow" not in clip or clip["frames"].shape[0] < 2:
-            continue
-        with torch.no_grad():
-            pred = predict(model, clip["frames"], clip["frames"].shape[-2:])
-        tc.update(pred[:-1], pred[1:], clip["flow"], clip.get("occlusion"))
-    res = tc.compute()
-    return {"tc": res["tc"], "agreement": res["agreement"], "num_pixels": res["num_pixels"]}
-
-
-def load_model(ckpt_path):
-    import torch
-
-    from trainer.engine import build_model
-
-    st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    cfg = st["config"]
-    model = build_model(cfg, "student")
-    model.load_state_dict(st["model"])
-    return model.eval(), cfg, st.get("iteration")
-
-
 def log_summary(log_path, stage, w_tl, tail=0.2):
     """Loss terms of a stage from log.jsonl: means over the last ``tail`` of the logged records;
     ``w_tl`` is the TL weight in the total (lambda x student.loss_weights.tl)."""
@@ -194,6 +161,7 @@ def evaluate_runs(entries, sintel_dir):
     """entries: [(row name, run_dir, stage)] -> list of result rows."""
     import models
     from trainer.engine import build_data, evaluate
+    from trainer.predict import load_trained
     from trainer.utils import Dist
 
     dist = Dist("cpu")
@@ -203,16 +171,13 @@ def evaluate_runs(entries, sintel_dir):
         if not ckpt.is_file():
             raise SystemExit(f"real_video.py: checkpoint not found: {ckpt} (train first, without --eval-only)")
         t0 = time.time()
-        model, cfg, iters = load_model(ckpt)
+        model, cfg, st = load_trained(ckpt)
+        iters = st.get("iteration")
         key = json.dumps(cfg["data"], sort_keys=True)
         if key not in val_cache:
             val_cache[key] = build_data(cfg, "val")
         val = val_cache[key]
         cam = evaluate(cfg, model, dist, val)
-        agree = clips_agreement(model, val, cfg["data"]["num_classes"]) if cfg["data"]["val_max_clips"] is None else {}
-        if agree and abs(agree["tc"] - cam["tc"]) > 1e-6:
-            print(f"warning: {name}: TC recomputed over the clips ({agree['tc']:.4f}) differs from "
-                  f"trainer.engine.evaluate ({cam['tc']:.4f})", flush=True)
         height = (cfg["data"]["size"] or [None])[0]
         if height not in sintel_cache:
             frames, names = load_frames(sintel_dir, height)
@@ -230,7 +195,7 @@ def evaluate_runs(entries, sintel_dir):
             "params_m": models.count_parameters(model) / 1e6,
             "train_frame_range": cfg["data"]["train_options"].get("frame_range"),
             "camvid": {"miou": cam["miou"], "pixel_acc": cam["pixel_acc"], "tc": cam["tc"],
-                       "agreement": agree.get("agreement"),
+                       "agreement": cam["agreement"],
                        "frame_range": cfg["data"]["val_options"].get("frame_range"),
                        "num_frames": sum(len(range(*ix[1:])) for ix in val._index),
                        "size": cfg["data"]["size"], "fps_batch1_shared_cpu": cam.get("fps")},

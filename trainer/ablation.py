@@ -27,7 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .cli import error
 from .config import ConfigError, load_config
+from .utils import read_jsonl
 
 SCHEMES = {
     "a": ("baseline", ()),
@@ -43,11 +45,6 @@ SWITCHED = ("kd", "pa", "tl", "pf", "mf")  # ce and aux stay on in every scheme
 SEEDED = ("a", "h")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "ablation.yaml"
-
-
-def _err(msg: str) -> int:
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _mean_std(xs):
@@ -142,17 +139,17 @@ def main(args) -> int:
     config = Path(args.config) if args.config else DEFAULT_CONFIG
     sets = list(args.sets)
     if args.stage:
-        return _err("--ablation runs its own stages; drop --stage")
+        return error("--ablation runs its own stages; drop --stage")
     if args.run_dir:
         sets.append(f"run_dir={args.run_dir}")
     try:
         cfg = load_config(config, sets, args.preset)
         tasks = plan(args.schemes, int(cfg["seed"]), args.seeds, args.seeded)
     except ConfigError as exc:
-        return _err(str(exc))
+        return error(str(exc))
     run_dir = Path(cfg["run_dir"]).resolve()
     if run_dir.exists() and not args.resume and any(run_dir.iterdir()) and not cfg["overwrite"]:
-        return _err(f"{run_dir} is not empty: pass --resume to keep its finished runs, or --set overwrite=true")
+        return error(f"{run_dir} is not empty: pass --resume to keep its finished runs, or --set overwrite=true")
     run_dir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     on_cpu = cfg["device"] == "cpu" or (cfg["device"] == "auto" and not _cuda())
@@ -177,12 +174,12 @@ def main(args) -> int:
             rc, dt = _run(base + common + ["--set", "stages=[teacher,eval]", "--run-dir", str(tdir)],
                           tdir / "stdout.log", threads)  # 2 OpenMP threads beside a busy job: ~18x slower here
             if rc != 0:
-                return _err(f"teacher training failed (exit {rc}); see {tdir / 'stdout.log'}")
+                return error(f"teacher training failed (exit {rc}); see {tdir / 'stdout.log'}")
             out(f"[ablation] teacher done in {dt:.0f} s")
         teacher_weights = tfinal
     else:
         if cfg["teacher"]["weights"] is None:
-            return _err("teacher.train=false needs teacher.weights")
+            return error("teacher.train=false needs teacher.weights")
         teacher_weights = Path(cfg["teacher"]["weights"]).resolve()
     teacher_metrics = None
     if (tdir / "metrics.json").is_file():
@@ -257,11 +254,7 @@ def main(args) -> int:
 
 def _train_seconds(run: Path):
     """Training time of the student stage: the last record of the run's log.jsonl."""
-    try:
-        recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
-    except (OSError, json.JSONDecodeError):
-        return None
-    recs = [r for r in recs if r.get("stage") == "student"]
+    recs = [r for r in read_jsonl(run / "log.jsonl") if r.get("stage") == "student"]
     return recs[-1].get("time") if recs else None
 
 

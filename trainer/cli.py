@@ -15,10 +15,15 @@ from .engine import Stopped, Trainer, build_data, build_model, evaluate
 from .utils import Dist, atomic_write_text
 
 
+def error(message: str) -> int:
+    """A user error: one line on stderr; returns exit code 2 (argparse's own convention)."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    return 2
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's own convention)
-        print(f"train.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message):
+        sys.exit(error(message))
 
 
 def parse_args(argv=None):
@@ -146,9 +151,8 @@ def main(argv=None) -> int:
                                 ("--resume", args.resume), ("--ablation", args.ablation), ("--run-dir", args.run_dir))
                  if v]
         if extra:
-            print(f"train.py: error: --stage predict takes the model and its config from --checkpoint; "
-                  f"{', '.join(extra)} do not apply", file=sys.stderr)
-            return 2
+            return error(f"--stage predict takes the model and its config from --checkpoint; "
+                         f"{', '.join(extra)} do not apply")
         from .predict import main as predict_main
         return predict_main(args)
     if args.ablation:
@@ -167,5 +171,4 @@ def main(argv=None) -> int:
         cfg = load_config(config, sets, args.preset)
         return run(cfg, resume=args.resume)
     except ConfigError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))

@@ -312,7 +312,6 @@ class Trainer:
             flow = batch["flow"].to(dev) if "flow" in batch else None
             if temporal and flow is None:
                 raise ConfigError("temporal terms need flow: set data.flow (dis, raft_*) for data without GT flow")
-            B = frames.shape[0]
             inp = frames.flatten(0, 1) if whole else frames[:, 1]
             with _autocast(cfg, dev):
                 s_out = net(inp)
@@ -433,7 +432,7 @@ def evaluate(cfg, model, dist, val_ds):
         seg.all_reduce()
         tc.all_reduce()
     s, t = seg.compute(), tc.compute()
-    res = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "tc": t["tc"],
+    res = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "tc": t["tc"], "agreement": t["agreement"],
            "params_m": models.count_parameters(_unwrap(model)) / 1e6}
     if dist.is_main:
         fsize = cfg["eval"]["fps_size"] or (list(size) if size is not None else [128, 128])

@@ -28,6 +28,7 @@ import torch
 import models
 import videodata
 
+from .cli import error
 from .config import ConfigError
 from .engine import build_model
 
@@ -86,34 +87,44 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def load_trained(path: Path):
+    """A ``<stage>_final.pt`` of train.py -> (network in eval mode on the CPU, its config, the
+    checkpoint dict). The network is rebuilt from the config stored in the checkpoint, reading
+    nothing else from disk; any problem is a one-line ``ConfigError`` naming the file."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, pickled from unknown code ...
+        raise ConfigError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ConfigError(f"{path} is not a <stage>_final.pt checkpoint of train.py (no 'model' and 'config' keys)")
+    stage = str(ckpt.get("stage") or path.stem.split("_")[0])
+    role = "teacher" if stage == "teacher" else "student"
+    cfg = copy.deepcopy(ckpt["config"])
+    try:
+        # the weights are in the checkpoint: read nothing else from disk
+        cfg[role]["weights"] = None
+        cfg[role]["pretrained_backbone"] = None
+        model = build_model(cfg, role)
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: its config is not a train.py config ({type(exc).__name__}: {exc})") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ConfigError(f"{path}: the weights do not fit the network of its config "
+                          f"({_first_line(exc)})") from None
+    return model.eval(), cfg, ckpt
+
+
 class Predictor:
     """One checkpoint: the rebuilt network in eval mode, its palette and its latency record."""
 
     def __init__(self, path: Path, device: torch.device):
         self.path = path
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-        except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, pickled from unknown code ...
-            raise ConfigError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-            raise ConfigError(f"{path} is not a <stage>_final.pt checkpoint of train.py (no 'model' and 'config' keys)")
+        model, cfg, ckpt = load_trained(path)
         self.stage = str(ckpt.get("stage") or path.stem.split("_")[0])
-        role = "teacher" if self.stage == "teacher" else "student"
-        cfg = copy.deepcopy(ckpt["config"])
-        try:
-            # the weights are in the checkpoint: read nothing else from disk
-            cfg[role]["weights"] = None
-            cfg[role]["pretrained_backbone"] = None
-            self.num_classes = int(cfg["data"]["num_classes"])
-            model = build_model(cfg, role)
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"{path}: its config is not a train.py config ({type(exc).__name__}: {exc})") from None
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            raise ConfigError(f"{path}: the weights do not fit the network of its config "
-                              f"({_first_line(exc)})") from None
-        self.model = model.to(device).eval()
+        self.num_classes = int(cfg["data"]["num_classes"])
+        self.model = model.to(device)
         self.device = device
         self.lut = palette(self.num_classes)
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -362,5 +373,4 @@ def main(args) -> int:
     try:
         return run(args)
     except ConfigError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
