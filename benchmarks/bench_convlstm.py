@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import tcloss
-from conftest import HAS_CUDA, backend_params, backends_for, cpu_peak_extra, cuda_peak_extra, rss_rise, sync
+from conftest import HAS_CUDA, backend_params, backends_for, peak_extra, rss_rise, sync
 
 # (path, B, Hd, H, W)
 CPU_CELL = [("mf", 8, 4, 576, 576), ("feat", 8, 64, 96, 96)]
@@ -123,11 +123,7 @@ def test_cell_fwd_bwd(benchmark, device_info, device, backend, shape):
         sync(device)
 
     step()  # warm-up (compiles Triton kernels, allocator)
-    if device == "cuda":
-        benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra(step)
-    else:
-        benchmark.extra_info["peak_extra_bytes"] = cpu_peak_extra("bench_convlstm", "cpu_rss_cell", backend,
-                                                                  list(shape))
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra(device, step, "bench_convlstm", "cpu_rss_cell", backend, shape)
     benchmark.pedantic(step, rounds=10 if device == "cuda" else 5, warmup_rounds=1)
 
 
@@ -144,11 +140,7 @@ def test_step_fwd_bwd(benchmark, device_info, device, backend, shape):
         sync(device)
 
     step()
-    if device == "cuda":
-        benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra(step)
-    else:
-        benchmark.extra_info["peak_extra_bytes"] = cpu_peak_extra("bench_convlstm", "cpu_rss_step", backend,
-                                                                  list(shape))
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra(device, step, "bench_convlstm", "cpu_rss_step", backend, shape)
     benchmark.pedantic(step, rounds=10 if device == "cuda" else 3, warmup_rounds=1)
 
 

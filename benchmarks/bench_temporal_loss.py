@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tcloss
-from conftest import HAS_CUDA, backend_params, backends_for, cpu_peak_extra, cuda_peak_extra, rss_rise, sync
+from conftest import HAS_CUDA, backend_params, backends_for, peak_extra, rss_rise, sync
 
 CPU_SHAPES = [(2, 19, 256, 512), (1, 19, 512, 1024)]
 GPU_SHAPES = [(8, 19, 512, 1024), (8, 19, 769, 769)]
@@ -55,11 +55,8 @@ def test_temporal_loss_fwd_bwd(benchmark, device_info, device, backend, shape):
         sync(device)
 
     step()  # warm-up (compiles Triton kernels, allocator)
-    if device == "cuda":
-        benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra(step)
-    else:
-        benchmark.extra_info["peak_extra_bytes"] = cpu_peak_extra("bench_temporal_loss", "cpu_rss_fwd_bwd",
-                                                                  backend, list(shape))
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra(device, step, "bench_temporal_loss", "cpu_rss_fwd_bwd",
+                                                          backend, shape)
     benchmark.pedantic(step, rounds=10 if device == "cuda" else 3, warmup_rounds=1 if device == "cuda" else 0)
 
 

@@ -63,6 +63,14 @@ def cpu_peak_extra(module: str, func: str, *args) -> int | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def peak_extra(device: str, step, module: str, worker: str, backend: str, shape) -> int | None:
+    """Peak extra memory of one ``step``: the CUDA allocator's peak over its start on a GPU; on
+    the CPU the peak RSS rise of ``module.worker(backend, list(shape))`` in a fresh interpreter."""
+    if device == "cuda":
+        return cuda_peak_extra(step)
+    return cpu_peak_extra(module, worker, backend, list(shape))
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
