@@ -24,6 +24,15 @@ TOL = {
     torch.bfloat16: (1.5e-2, 5e-2),
 }
 
+def grid_warp(img, flow):
+    """Reference warp of the project convention (independent of tcloss): grid_sample of img at
+    x + flow, bilinear, border padding, align_corners=True."""
+    b, _, h, w = flow.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    grid = torch.stack([(xs + flow[:, 0]) * 2 / (w - 1) - 1, (ys + flow[:, 1]) * 2 / (h - 1) - 1], -1)
+    return torch.nn.functional.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def kernel_params(op: str = "temporal_loss"):
     """(backend, device) pairs for the kernels under test; reference is the oracle, not a param."""
     return [

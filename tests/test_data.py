@@ -14,15 +14,9 @@ if str(ROOT) not in sys.path:
 from videodata import (CamVid, Cityscapes, SyntheticClip, SyntheticVideo, TripletAugment,  # noqa: E402
                        build_dataset, sample_triplet)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA, grid_warp  # noqa: E402
+
 CAMVID = SHARED_DATA / "camvid_0016E5"
-
-
-def _grid_warp(img, flow):
-    b, _, h, w = flow.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    grid = torch.stack([(xs + flow[:, 0]) * 2 / (w - 1) - 1, (ys + flow[:, 1]) * 2 / (h - 1) - 1], -1)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -49,7 +43,7 @@ def test_synthetic_ground_truth_consistency():
     assert torch.isfinite(fw).all() and fw.abs().max() > 0.3  # things move
     assert 0.0 < occ_fw.float().mean() < 0.5
     # forward-backward check: visible points come back to where they started
-    back = _grid_warp(bw[:1], fw[:1])[0]
+    back = grid_warp(bw[:1], fw[:1])[0]
     vis = ~occ_fw[0]
     lay = clip.layers[0].float()[None, None]
     interior = vis & (F.max_pool2d(lay, 3, 1, 1) == -F.max_pool2d(-lay, 3, 1, 1))[0, 0]
@@ -138,7 +132,7 @@ def test_augmentation_shared_by_triplet_and_flow_transformed(flip_only):
             vis = ~item["occlusion"][k] & (item["label"] != 255)
             if int(item["offsets"][src]) == 0 or vis.sum() < 100:
                 continue
-            warped = _grid_warp(item["frames"][src:src + 1], item["flow"][k:k + 1])
+            warped = grid_warp(item["frames"][src:src + 1], item["flow"][k:k + 1])
             err = (warped - a).abs().mean(1)[0][vis]
             zero = (item["frames"][src:src + 1] - a).abs().mean(1)[0][vis]
             assert err.median() < 0.25 * zero.median() + 0.5, (i, k, err.median(), zero.median())

@@ -14,16 +14,9 @@ if str(ROOT) not in sys.path:
 from models import build_flow_estimator, read_flo, resize_flow, write_flo  # noqa: E402
 import videodata  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA, grid_warp  # noqa: E402
+
 CHAIRS = SHARED_DATA / "flyingchairs_examples"
-
-
-def _grid_warp(img, flow):
-    """Reference warp of the project convention: grid_sample, align_corners=True."""
-    b, _, h, w = flow.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    grid = torch.stack([(xs + flow[:, 0]) * 2 / (w - 1) - 1, (ys + flow[:, 1]) * 2 / (h - 1) - 1], -1)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def _read_rgb(path):
@@ -135,7 +128,7 @@ def test_gt_flow_warp_reproduces_previous_frame():
         gt, occ = clip.flow_and_occlusion(0, k)
         a, b = clip.frames[0:1], clip.frames[k:k + 1]
         flow = est(a, b, gt_flow=gt[None])
-        warped = _grid_warp(b, flow)
+        warped = grid_warp(b, flow)
         err = (warped - a).abs().mean(1)[0]
         vis = ~occ
         # bilinear sampling mixes two layers right at object edges: judge the layer interiors
