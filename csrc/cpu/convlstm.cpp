@@ -248,34 +248,35 @@ bool use_avx2() {
 #endif
 }
 
-template <typename scalar_t, typename acc_t, bool PEEP, bool DH, bool DCN, bool GP>
-void run_bwd(const CLTensors& T, int64_t nblk) {
-  const CLParams& P = T.P;
-  const bool avx2 = use_avx2();
+// One task = (batch chunk, column block); tasks never share an output element.
+// task(chunk, b0, b1, j0, j1) runs for every task, in parallel.
+template <typename Task>
+void for_each_task(const CLParams& P, int64_t nblk, const Task& task) {
   at::parallel_for(0, P.bchunks * nblk, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t chunk = t / nblk, blk = t % nblk;
       const int64_t b0 = chunk * P.bper, b1 = std::min(P.B, b0 + P.bper);
       const int64_t j0 = blk * kColBlock, j1 = std::min(P.N, j0 + kColBlock);
-      if (avx2) bwd_task_avx2<scalar_t, acc_t, PEEP, DH, DCN, GP>(T, chunk, b0, b1, j0, j1);
-      else bwd_task<scalar_t, acc_t, PEEP, DH, DCN, GP>(T, chunk, b0, b1, j0, j1);
+      task(chunk, b0, b1, j0, j1);
     }
+  });
+}
+
+template <typename scalar_t, typename acc_t, bool PEEP, bool DH, bool DCN, bool GP>
+void run_bwd(const CLTensors& T, int64_t nblk) {
+  const bool avx2 = use_avx2();
+  for_each_task(T.P, nblk, [&](int64_t chunk, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+    if (avx2) bwd_task_avx2<scalar_t, acc_t, PEEP, DH, DCN, GP>(T, chunk, b0, b1, j0, j1);
+    else bwd_task<scalar_t, acc_t, PEEP, DH, DCN, GP>(T, chunk, b0, b1, j0, j1);
   });
 }
 
 template <typename scalar_t, typename acc_t, bool PEEP>
 void run_fwd(const CLTensors& T, int64_t nblk) {
-  const CLParams& P = T.P;
   const bool avx2 = use_avx2();
-  // One task = (batch chunk, column block); tasks never share an output element.
-  at::parallel_for(0, P.bchunks * nblk, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t chunk = t / nblk, blk = t % nblk;
-      const int64_t b0 = chunk * P.bper, b1 = std::min(P.B, b0 + P.bper);
-      const int64_t j0 = blk * kColBlock, j1 = std::min(P.N, j0 + kColBlock);
-      if (avx2) fwd_task_avx2<scalar_t, acc_t, PEEP>(T, b0, b1, j0, j1);
-      else fwd_task<scalar_t, acc_t, PEEP>(T, b0, b1, j0, j1);
-    }
+  for_each_task(T.P, nblk, [&](int64_t, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+    if (avx2) fwd_task_avx2<scalar_t, acc_t, PEEP>(T, b0, b1, j0, j1);
+    else fwd_task<scalar_t, acc_t, PEEP>(T, b0, b1, j0, j1);
   });
 }
 
