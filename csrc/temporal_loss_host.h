@@ -22,8 +22,7 @@ enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 struct TLTensors {
   TLParams P;
   at::Tensor pt, ptk, flow, it, itk;  // contiguous; flow/images in the accumulation dtype
-  at::Tensor lse_t, lse_tk;           // (B,H,W) acc dtype, on="prob" only
-  at::Tensor loss_map;                // (B,H,W) acc dtype
+  at::Tensor loss_map;                // (B,H,W) acc dtype; forward only (undefined in backward)
   at::Tensor g_pt, g_ptk_acc, g_flow; // gradients (undefined when not requested)
   at::Tensor grad;                    // dL/dl: scalar or (B,H,W), acc dtype; undefined = 1
   double grad_mul = 1.0;              // 1/(BHW) for mean
@@ -31,6 +30,12 @@ struct TLTensors {
 
 inline at::ScalarType acc_type_of(at::ScalarType s) {
   return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Per-pixel softmax statistics (kernels/temporal_loss.h: SoftmaxStats) of a (B,C,H,W) input:
+// (B,H,W,2) in the accumulation dtype, viewed by the kernels as SoftmaxStats<acc_t>.
+inline at::Tensor tl_softmax_stats_buffer(const TLParams& P, const at::Tensor& like) {
+  return at::empty({P.B, P.H, P.W, 2}, like.options());
 }
 
 inline TLTensors tl_prepare(const at::Tensor& pred_t, const at::Tensor& pred_tk, const at::Tensor& flow,
@@ -59,11 +64,6 @@ inline TLTensors tl_prepare(const at::Tensor& pred_t, const at::Tensor& pred_tk,
   T.it = img_t.to(acc).contiguous();
   T.itk = img_tk.to(acc).contiguous();
   auto opts = pred_t.options().dtype(acc);
-  if (on_prob) {
-    T.lse_t = at::empty({B, H, W}, opts);
-    T.lse_tk = at::empty({B, H, W}, opts);
-  }
-  T.loss_map = at::empty({B, H, W}, opts);
   if (g_pt) T.g_pt = at::empty_like(T.pt);
   if (g_ptk) T.g_ptk_acc = at::zeros(pred_tk.sizes(), opts);
   if (g_flow) T.g_flow = at::empty({B, 2, H, W}, opts);
@@ -104,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_loss_fwd_imp
   TLTensors T = tl_prepare(pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power,
                            zeros_padding, g_pt, g_ptk, g_flow);
   T.grad_mul = tl_grad_mul(T.P, reduction);
+  T.loss_map = at::empty({T.P.B, T.P.H, T.P.W}, T.flow.options());
   run(T);
   auto [gpt, gptk, gfl] = tl_grads(T, pred_t, flow);
   return {tl_reduce(T.loss_map, reduction), gpt, gptk, gfl};
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_loss_bwd_impl(
   } else {
     TORCH_CHECK(grad.numel() == 1, "tcloss: grad must be a scalar for reduction mean/sum");
   }
-  T.grad = grad.to(T.loss_map.scalar_type()).contiguous();
+  T.grad = grad.to(T.flow.scalar_type()).contiguous();
   T.grad_mul = tl_grad_mul(T.P, reduction);
   run(T);
   return tl_grads(T, pred_t, flow);

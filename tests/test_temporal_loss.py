@@ -140,6 +140,7 @@ SHAPES = {
     "realistic": (2, 19, 64, 96),
     "many-classes": (1, 150, 6, 7),
     "tall": (1, 4, 31, 2),
+    "wide": (1, 5, 3, 300),  # the CPU kernel's row chunks (256 pixels) and a partial vector
 }
 
 
@@ -429,14 +430,69 @@ def test_available_backends_and_env_override():
     assert out.stdout.strip() == "reference"
 
 
-def test_cpp_float32_gradients_are_deterministic():
-    """The CPU kernel parallelises its scatter over channels: no atomics, bitwise repeatable."""
+def needs_cpp():
     if not tcloss._backends._status("cpp", "temporal_loss", "cpu")[0]:
         pytest.skip("no native CPU kernel")
+
+
+def test_cpp_float32_gradients_are_deterministic():
+    """The CPU kernel parallelises its scatter over channel planes: no atomics, bitwise repeatable,
+    and the same bits with 1 and 2 threads."""
+    needs_cpp()
     inputs = make_inputs(1, 7, 33, 40, dtype=torch.float32, flow_scale=6.0, seed=21)
     first = run("cpp", inputs)
-    for _ in range(2):
-        again = run("cpp", inputs)
-        assert torch.equal(first[0], again[0])
-        for a, b in zip(first[1], again[1]):
-            assert torch.equal(a, b)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            again = run("cpp", inputs)
+            assert torch.equal(first[0], again[0])
+            for a, b in zip(first[1], again[1]):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_cpp_every_instruction_set(isa):
+    """The float kernel is compiled for AVX-512, AVX2 and the baseline and picked at run time;
+    TCLOSS_CPU_ISA caps the choice, so each variant is checked here against the float64
+    reference (on a CPU without the ISA the cap changes nothing and the test still passes)."""
+    needs_cpp()
+    code = """
+import sys, torch
+sys.path[:0] = [{tests!r}]
+from test_temporal_loss import make_inputs, check_against_reference
+for dtype in (torch.float32, torch.bfloat16):
+    # (float32 pixel coordinates near x = 300 resolve 3e-5 px: logit gradients of a 'none'
+    # reduction then differ from float64 by more than the float32 tolerance, in the reference too)
+    for kw in (dict(), dict(on="logit", padding="zeros"), dict(reduction="none", padding="zeros"),
+               dict(detach_target=True, mask_mode="l2")):
+        inputs = make_inputs(2, 5, 6, 300, dtype=dtype, flow_scale=5.0, seed=4)
+        inputs[2][1, :, 2, :40] = 400.0  # far out of the frame
+        check_against_reference("cpp", inputs, dtype, **kw)
+print("ok")
+""".format(tests=os.path.dirname(__file__))
+    env = dict(os.environ, TCLOSS_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_large_logits_as_accurate_as_the_reference(backend, device):
+    """Softmax statistics are kept as (max, 1/sum), not one log-sum-exp rounded to float32: at
+    logits of 1e4 a rounded lse would be off by ~1e-3 in every probability, and two tied maxima
+    of 1e8 would each get probability 1 (a loss of 3 where 1.5 is right)."""
+    inputs = make_inputs(1, 6, 5, 7, dtype=torch.float32, device=device, seed=9)
+    big = [inputs[0] * 1e4, inputs[1] * 1e4, *inputs[2:]]
+    big[0] = big[0] / 1e4 * 3 + 1e4  # large offset, O(1) differences: the probabilities stay smooth
+    big[1] = big[1] / 1e4 * 3 + 1e4
+    check_against_reference(backend, big, torch.float32)
+    pt = torch.full((1, 3, 2, 2), -1e8, device=device)
+    pt[:, :2] = 1e8  # two tied maxima: q = (0.5, 0.5, 0)
+    ptk = torch.zeros_like(pt)  # q = (1/3, 1/3, 1/3)
+    zero = torch.zeros(1, 2, 2, 2, device=device)
+    img = torch.zeros(1, 3, 2, 2, device=device)
+    loss = tcloss.temporal_loss(pt, ptk, zero, img, img, backend=backend, reduction="none")
+    expected = 2 * (0.5 - 1 / 3) ** 2 + (1 / 3) ** 2
+    torch.testing.assert_close(loss.cpu(), torch.full((1, 2, 2), expected), atol=1e-6, rtol=1e-5)

@@ -24,29 +24,30 @@ inline int blocks_for(int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void lse_kernel(TLParams P, const scalar_t* __restrict__ pt, const scalar_t* __restrict__ ptk,
-                           acc_t* __restrict__ lt, acc_t* __restrict__ lk) {
+__global__ void softmax_stats_kernel(TLParams P, const scalar_t* __restrict__ pt, const scalar_t* __restrict__ ptk,
+                                     SoftmaxStats<acc_t>* __restrict__ st_t, SoftmaxStats<acc_t>* __restrict__ st_tk) {
   const int64_t HW = P.H * P.W, n = P.B * HW;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / HW, pix = i - b * HW;
-    lt[i] = channel_lse<scalar_t, acc_t>(pt + b * P.C * HW + pix, P.C, HW);
-    lk[i] = channel_lse<scalar_t, acc_t>(ptk + b * P.C * HW + pix, P.C, HW);
+    st_t[i] = channel_softmax_stats<scalar_t, acc_t>(pt + b * P.C * HW + pix, P.C, HW);
+    st_tk[i] = channel_softmax_stats<scalar_t, acc_t>(ptk + b * P.C * HW + pix, P.C, HW);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void temporal_loss_kernel(TLParams P, const scalar_t* __restrict__ pt, const scalar_t* __restrict__ ptk,
                                      const acc_t* __restrict__ flow, const acc_t* __restrict__ it,
-                                     const acc_t* __restrict__ itk, const acc_t* __restrict__ lt,
-                                     const acc_t* __restrict__ lk, const acc_t* __restrict__ grad, bool grad_map,
+                                     const acc_t* __restrict__ itk, const SoftmaxStats<acc_t>* __restrict__ st_t,
+                                     const SoftmaxStats<acc_t>* __restrict__ st_tk, const acc_t* __restrict__ grad, bool grad_map,
                                      acc_t grad_mul, acc_t* __restrict__ loss, scalar_t* __restrict__ gpt,
                                      acc_t* __restrict__ gptk, acc_t* __restrict__ gfl) {
   const int64_t HW = P.H * P.W, n = P.B * HW;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / HW, pix = i - b * HW, y = pix / P.W, x = pix - y * P.W;
     const acc_t g = grad_mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
-    loss[i] = temporal_loss_pixel<scalar_t, acc_t, AtomicAdd>(P, b, y, x, pt, ptk, flow, it, itk, lt, lk, g, gpt,
-                                                             gptk, gfl, AtomicAdd{});
+    const acc_t l = temporal_loss_pixel<scalar_t, acc_t, AtomicAdd>(P, b, y, x, pt, ptk, flow, it, itk, st_t, st_tk,
+                                                                    g, gpt, gptk, gfl, AtomicAdd{});
+    if (loss) loss[i] = l;  // the backward writes gradients only
   }
 }
 
@@ -59,14 +60,20 @@ void run_cuda(TLTensors& T) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T.pt.scalar_type(), "tcloss_temporal_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
+    auto stats = [](const at::Tensor& t) {
+      return t.defined() ? reinterpret_cast<SoftmaxStats<acc_t>*>(t.data_ptr<acc_t>()) : nullptr;
+    };
+    at::Tensor st_t, st_tk;
     if (P.on_prob) {
-      lse_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          P, T.pt.data_ptr<scalar_t>(), T.ptk.data_ptr<scalar_t>(), ptr(T.lse_t), ptr(T.lse_tk));
+      st_t = tl_softmax_stats_buffer(P, T.flow);
+      st_tk = tl_softmax_stats_buffer(P, T.flow);
+      softmax_stats_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          P, T.pt.data_ptr<scalar_t>(), T.ptk.data_ptr<scalar_t>(), stats(st_t), stats(st_tk));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     temporal_loss_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
         P, T.pt.data_ptr<scalar_t>(), T.ptk.data_ptr<scalar_t>(), ptr(T.flow), ptr(T.it), ptr(T.itk),
-        ptr(T.lse_t), ptr(T.lse_tk), ptr(T.grad), T.grad.defined() && T.grad.numel() > 1,
+        stats(st_t), stats(st_tk), ptr(T.grad), T.grad.defined() && T.grad.numel() > 1,
         static_cast<acc_t>(T.grad_mul), ptr(T.loss_map), T.g_pt.defined() ? T.g_pt.data_ptr<scalar_t>() : nullptr,
         ptr(T.g_ptk_acc), ptr(T.g_flow));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -29,25 +29,45 @@ struct TLParams {
   bool g_pt, g_ptk, g_flow;  // which gradients to produce
 };
 
-// log-sum-exp over channels of one pixel (channel stride HW). Used by a pre-pass that stores
-// one float per pixel, so the main pass gets softmax values of any corner in one read.
+// Softmax statistics of one pixel over channels (channel stride HW): the max m and 1/sum_c
+// exp(z_c - m), so q_c = exp(z_c - m) * rinv. Kept as a pair rather than one log-sum-exp: an lse
+// rounded to the accumulation dtype is off by up to ulp(lse), which at logits of 1e4 is a
+// relative error of 1e-3 in every probability (and ties at 1e8 would sum to 2). z_c - m is
+// exact wherever exp(z_c - m) is not negligible. A non-finite max (inf or NaN logits) makes
+// every probability NaN, as torch.softmax does.
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t m, rinv;
+};
+
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t softmax_rinv(acc_t m, acc_t sum) {
+  return is_finite(m) ? acc_t(1) / sum : acc_t(NAN);
+}
+
 template <typename scalar_t, typename acc_t>
-HOST_DEVICE_INLINE acc_t channel_lse(const scalar_t* p, int64_t C, int64_t HW) {
+HOST_DEVICE_INLINE SoftmaxStats<acc_t> channel_softmax_stats(const scalar_t* p, int64_t C, int64_t HW) {
   acc_t m = static_cast<acc_t>(p[0]);
   for (int64_t c = 1; c < C; ++c) {
     const acc_t v = static_cast<acc_t>(p[c * HW]);
     m = v > m ? v : m;
   }
-  if (!is_finite(m)) return m;  // NaN/inf propagate like the reference softmax
   acc_t s = acc_t(0);
-  for (int64_t c = 0; c < C; ++c) s += m_exp(static_cast<acc_t>(p[c * HW]) - m);
-  return m + m_log(s);
+  if (is_finite(m))
+    for (int64_t c = 0; c < C; ++c) s += m_exp(static_cast<acc_t>(p[c * HW]) - m);
+  return {m, softmax_rinv(m, s)};
 }
 
 template <typename scalar_t, typename acc_t>
-HOST_DEVICE_INLINE acc_t prob_of(const scalar_t* p, int64_t idx, acc_t lse, bool on_prob) {
+HOST_DEVICE_INLINE acc_t prob_of(const scalar_t* p, int64_t idx, SoftmaxStats<acc_t> st, bool on_prob) {
   const acc_t v = static_cast<acc_t>(p[idx]);
-  return on_prob ? m_exp(v - lse) : v;
+  return on_prob ? m_exp(v - st.m) * st.rinv : v;
+}
+
+// V^p; p = 0 gives 1 even where r is infinite (V^0 = 1, as the reference's pow).
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t mask_from_residual(acc_t r, acc_t p) {
+  return p == acc_t(0) ? acc_t(1) : m_exp(-p * r);
 }
 
 // Occlusion weight V^p of pixel `pix` (offset y*W + x inside a plane) of batch b.
@@ -66,7 +86,7 @@ HOST_DEVICE_INLINE acc_t mask_weight(const TLParams& P, const acc_t* it_b, const
     else s += d * d;
   }
   const acc_t r = P.mask_mode == kSignedSum ? m_fabs(s) : (P.mask_mode == kL1 ? s : m_sqrt(s));
-  return m_exp(-static_cast<acc_t>(P.mask_power) * r);
+  return mask_from_residual(r, static_cast<acc_t>(P.mask_power));
 }
 
 // The per-channel pieces, shared by the per-pixel orchestration below (GPU, and CPU float64)
@@ -121,7 +141,7 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
     const TLParams& P, int64_t b, int64_t y, int64_t x,
     const scalar_t* __restrict__ pt, const scalar_t* __restrict__ ptk,
     const acc_t* __restrict__ flow, const acc_t* __restrict__ it, const acc_t* __restrict__ itk,
-    const acc_t* __restrict__ lse_t, const acc_t* __restrict__ lse_tk, acc_t gscale,
+    const SoftmaxStats<acc_t>* __restrict__ st_t, const SoftmaxStats<acc_t>* __restrict__ st_tk, acc_t gscale,
     scalar_t* __restrict__ g_pt, acc_t* __restrict__ g_ptk, acc_t* __restrict__ g_flow, Add add) {
   const int64_t HW = P.H * P.W, C = P.C;
   const int64_t pix = y * P.W + x;
@@ -139,11 +159,11 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
   const acc_t vp = mask_weight<acc_t>(P, it + b * P.Ci * HW, itk + b * P.Ci * HW, pix, t);
   const scalar_t* pt_i = pt + b * C * HW + pix;
   const scalar_t* ptk_b = ptk + b * C * HW;
-  const acc_t lt = P.on_prob ? lse_t[pix_b] : acc_t(0);
-  acc_t lk[4] = {0, 0, 0, 0};
+  const SoftmaxStats<acc_t> lt = P.on_prob ? st_t[pix_b] : SoftmaxStats<acc_t>{0, 1};
+  SoftmaxStats<acc_t> lk[4] = {{0, 1}, {0, 1}, {0, 1}, {0, 1}};
   if (P.on_prob)
     for (int k = 0; k < 4; ++k)
-      if (t.valid[k]) lk[k] = lse_tk[b * HW + t.off[k]];
+      if (t.valid[k]) lk[k] = st_tk[b * HW + t.off[k]];
   auto corners = [&](int64_t c, acc_t qk[4]) {
     for (int k = 0; k < 4; ++k)
       qk[k] = t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0);
