@@ -3,6 +3,11 @@ inputs, time and peak extra memory in one run. GPU runs also time the forward al
 its achieved bandwidth (bytes of the inputs read once / time) against the measured copy
 bandwidth of the device.
 
+On the CPU every case runs with 1 thread, 2 threads, and 2 threads beside a busy process (one
+core's worth of other work), forward+backward and forward alone, each row with its speed of
+light: the compulsory bytes of the call (inputs read once; gradients written once) over this
+machine's copy bandwidth measured with the same thread count.
+
     pytest benchmarks/bench_temporal_loss.py --benchmark-json=out.json
 """
 from __future__ import annotations
@@ -11,7 +16,8 @@ import pytest
 import torch
 
 import tcloss
-from conftest import HAS_CUDA, backend_params, backends_for, peak_extra, rss_rise, sync
+from conftest import (HAS_CUDA, backend_params, backends_for, busy_neighbour, cpu_copy_bandwidth, peak_extra,
+                      rss_rise, sync)
 
 CPU_SHAPES = [(2, 19, 256, 512), (1, 19, 512, 1024)]
 GPU_SHAPES = [(8, 19, 512, 1024), (8, 19, 769, 769)]
@@ -43,12 +49,19 @@ def cpu_rss_fwd_bwd(backend, shape):
     return rss_rise(lambda: fwd_bwd(backend, inputs))
 
 
-@pytest.mark.parametrize("device,backend,shape", backend_params("temporal_loss", CPU_SHAPES, GPU_SHAPES))
+def compulsory_bytes(inputs, backward):
+    """Inputs read once, and with the backward the gradients of pred_t, pred_tk, flow written once."""
+    n = sum(t.numel() * t.element_size() for t in inputs)
+    return n + (sum(t.numel() * t.element_size() for t in inputs[:3]) if backward else 0)
+
+
+@pytest.mark.parametrize("device,backend,shape", backend_params("temporal_loss", [], GPU_SHAPES))
 def test_temporal_loss_fwd_bwd(benchmark, device_info, device, backend, shape):
     inputs = make(shape, device)
     benchmark.group = f"temporal_loss fwd+bwd {device} {'x'.join(map(str, shape))}"
     benchmark.extra_info.update(device_info)
-    benchmark.extra_info.update(op="temporal_loss", pass_="fwd+bwd", backend=backend, shape=list(shape), device=device)
+    benchmark.extra_info.update(op="temporal_loss", pass_="fwd+bwd", backend=backend, shape=list(shape), device=device,
+                                sol_bytes=compulsory_bytes(inputs, True))
 
     def step():
         fwd_bwd(backend, inputs)
@@ -57,7 +70,42 @@ def test_temporal_loss_fwd_bwd(benchmark, device_info, device, backend, shape):
     step()  # warm-up (compiles Triton kernels, allocator)
     benchmark.extra_info["peak_extra_bytes"] = peak_extra(device, step, "bench_temporal_loss", "cpu_rss_fwd_bwd",
                                                           backend, shape)
-    benchmark.pedantic(step, rounds=10 if device == "cuda" else 3, warmup_rounds=1 if device == "cuda" else 0)
+    benchmark.pedantic(step, rounds=10, warmup_rounds=1)
+
+
+CPU_THREADS = ["1", "2", "2+busy"]
+
+
+@pytest.mark.parametrize("pass_", ["fwd+bwd", "fwd"])
+@pytest.mark.parametrize("threads", CPU_THREADS)
+@pytest.mark.parametrize("device,backend,shape", backend_params("temporal_loss", CPU_SHAPES, []))
+def test_temporal_loss_cpu(benchmark, device_info, device, backend, shape, threads, pass_):
+    inputs = make(shape, "cpu")
+    nthreads = int(threads[0])
+    benchmark.group = f"temporal_loss {pass_} cpu {'x'.join(map(str, shape))} threads={threads}"
+    benchmark.extra_info.update(device_info)
+    benchmark.extra_info.update(op="temporal_loss", pass_=pass_, backend=backend, shape=list(shape), device="cpu",
+                                threads=threads, sol_bytes=compulsory_bytes(inputs, pass_ == "fwd+bwd"))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        benchmark.extra_info["copy_bandwidth_GBps"] = cpu_copy_bandwidth() / 1e9
+        if pass_ == "fwd+bwd":
+            step = lambda: fwd_bwd(backend, inputs)  # noqa: E731
+            if threads == "1":  # memory does not depend on the thread count: measured once
+                benchmark.extra_info["peak_extra_bytes"] = peak_extra("cpu", step, "bench_temporal_loss",
+                                                                      "cpu_rss_fwd_bwd", backend, shape)
+        else:
+            detached = [t.detach() for t in inputs]
+
+            def step():
+                with torch.no_grad():
+                    tcloss.temporal_loss(*detached, backend=backend)
+        step()
+        with busy_neighbour(threads.endswith("busy")):
+            benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bandwidth is measured on a GPU")

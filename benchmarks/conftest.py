@@ -7,6 +7,7 @@ inputs exist (``ru_maxrss``), so one benchmark cannot hide another's allocations
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -92,6 +93,45 @@ def rss_rise(step) -> int:
     base = _status_kib("VmRSS")
     step()
     return (_status_kib("VmHWM") - base) * 1024
+
+
+def cpu_copy_bandwidth() -> float:
+    """Measured CPU copy bandwidth (bytes/s, read + write) of a 256 MiB buffer with the current
+    torch thread count: best of 6, measured once per thread count in a session."""
+    n = torch.get_num_threads()
+    if n not in _CPU_COPY_BW:
+        _CPU_COPY_BW[n] = _measure_cpu_copy()
+    return _CPU_COPY_BW[n]
+
+
+_CPU_COPY_BW: dict[int, float] = {}
+
+
+def _measure_cpu_copy() -> float:
+    import time
+    x = torch.ones(1 << 26)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(6):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best
+
+
+@contextlib.contextmanager
+def busy_neighbour(on: bool = True):
+    """Another process spinning on one core for the duration (how a kernel behaves when the
+    machine is shared: data loaders, a second job)."""
+    if not on:
+        yield
+        return
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        p.kill()
+        p.wait()
 
 
 def copy_bandwidth() -> float:

@@ -47,9 +47,13 @@ def render(paths):
         # the baseline row: the reference backend, or the naive algorithm (pair-wise suite)
         ref = next((r for r in rows if label(r) in ("reference", "naive")), None)
         has_bw = any("achieved_GBps" in r["extra_info"] for r in rows)
+        # speed of light: compulsory bytes / measured copy bandwidth, against the min time
+        has_sol = all("sol_bytes" in r["extra_info"] and "copy_bandwidth_GBps" in r["extra_info"] for r in rows)
         head = "| backend | mean time | min time | speed-up vs reference | peak extra memory | memory vs reference |"
         if has_bw:
             head += " achieved GB/s | of copy bandwidth |"
+        if has_sol:
+            head += " SOL ms | % of SOL |"
         lines.append(head)
         lines.append("|" + "---|" * (head.count("|") - 1))
         for r in rows:
@@ -61,6 +65,9 @@ def render(paths):
             row = f"| {label(r)} | {s['mean'] * 1e3:.2f} ms | {s['min'] * 1e3:.2f} ms | {speed} | {fmt_bytes(pm)} | {mem} |"
             if has_bw:
                 row += f" {e.get('achieved_GBps', 0):.0f} | {100 * e.get('fraction_of_copy_bw', 0):.0f}% |"
+            if has_sol:
+                sol = e["sol_bytes"] / (e["copy_bandwidth_GBps"] * 1e9)
+                row += f" {sol * 1e3:.2f} | {100 * sol / s['min']:.0f}% |"
             lines.append(row)
     return "\n".join(lines) + "\n"
 
