@@ -29,13 +29,15 @@ echo "== compute-sanitizer memcheck"
 SECONDS=0
 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 75 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_small.py > "$OUT/memcheck.log" 2>&1 || status=1
 tail -5 "$OUT/memcheck.log"; echo "memcheck: ${SECONDS}s"
+# BENCH: which suites (default all; "none" skips them); each suite's GPU cases only.
+BENCH=${BENCH:-benchmarks}
+if [ "$BENCH" != none ]; then
 echo "== benchmarks"
 SECONDS=0
-# BENCH: which suites (default all); each suite's GPU cases only.
-BENCH=${BENCH:-benchmarks}
 timeout ${BENCH_TIMEOUT:-150} $PY -m pytest $BENCH -q -p no:cacheprovider -k cuda -o python_files="bench_*.py" \
   --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
 tail -3 "$OUT/bench.log"; echo "bench: ${SECONDS}s"
 [ -f "$OUT/bench.json" ] && $PY benchmarks/render.py "$OUT/bench.json" > "$OUT/bench.md" && cat "$OUT/bench.md"
+fi
 echo "gpu-check status: $status"
 exit $status
