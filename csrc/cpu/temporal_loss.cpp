@@ -206,29 +206,37 @@ void run_rows(const TLTensors& T) {
 
 // --- float64: the GPU's per-pixel orchestration ------------------------------------------------
 
-struct PlainAdd {
+// d pred_tk adds of one pixel's four corners (the Scatter of temporal_loss_pixel): plain adds,
+// or compare-and-swap ones when rows of one batch item run on several threads.
+template <bool kAtomic>
+struct CornerScatter {
+  template <typename TAPS>
+  void prepare(const TAPS&) const {}
+  template <typename T, typename TAPS>
+  void operator()(T* plane, const TAPS& t, const T gk[4]) const {
+    for (int k = 0; k < 4; ++k)
+      if (t.valid[k] && t.w[k] != T(0)) add(plane + t.off[k], gk[k]);
+  }
   template <typename T>
-  void operator()(T* p, T v) const { *p += v; }
-};
-
-struct CasAdd {
-  template <typename T>
-  void operator()(T* p, T v) const {
-    using I = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-    I* ip = reinterpret_cast<I*>(p);
-    I old = __atomic_load_n(ip, __ATOMIC_RELAXED), nxt;
-    do {
-      T cur;
-      std::memcpy(&cur, &old, sizeof(T));
-      const T s = cur + v;
-      std::memcpy(&nxt, &s, sizeof(T));
-    } while (!__atomic_compare_exchange_n(ip, &old, nxt, /*weak=*/true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+  static void add(T* p, T v) {
+    if constexpr (!kAtomic) {
+      *p += v;
+    } else {
+      using I = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+      I* ip = reinterpret_cast<I*>(p);
+      I old = __atomic_load_n(ip, __ATOMIC_RELAXED), nxt;
+      do {
+        T cur;
+        std::memcpy(&cur, &old, sizeof(T));
+        const T s = cur + v;
+        std::memcpy(&nxt, &s, sizeof(T));
+      } while (!__atomic_compare_exchange_n(ip, &old, nxt, /*weak=*/true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    }
   }
 };
 
-template <typename scalar_t, typename acc_t, typename Add>
-void rows_per_pixel(const TLTensors& T, const SoftmaxStats<acc_t>* st_t, const SoftmaxStats<acc_t>* st_tk,
-                    int64_t row_lo, int64_t row_hi, Add add) {
+template <typename scalar_t, typename acc_t, bool kAtomic>
+void rows_per_pixel(const TLTensors& T, const SoftmaxStats<acc_t>* st_tk, int64_t row_lo, int64_t row_hi) {
   const TLParams& P = T.P;
   const acc_t* grad = T.grad.defined() ? T.grad.data_ptr<acc_t>() : nullptr;
   const bool grad_map = grad && T.grad.numel() > 1;
@@ -237,13 +245,21 @@ void rows_per_pixel(const TLTensors& T, const SoftmaxStats<acc_t>* st_t, const S
   acc_t* gptk = T.g_ptk_acc.defined() ? T.g_ptk_acc.data_ptr<acc_t>() : nullptr;
   acc_t* gfl = T.g_flow.defined() ? T.g_flow.data_ptr<acc_t>() : nullptr;
   acc_t* loss = T.loss_map.defined() ? T.loss_map.data_ptr<acc_t>() : nullptr;
+  CornerScatter<kAtomic> scatter;
   for (int64_t r = row_lo; r < row_hi; ++r) {
+    const TLItem<scalar_t, acc_t> I =
+        tl_item<scalar_t, acc_t>(P, r / P.H, T.pt.data_ptr<scalar_t>(), T.ptk.data_ptr<scalar_t>(),
+                                 T.flow.data_ptr<acc_t>(), T.it.data_ptr<acc_t>(), T.itk.data_ptr<acc_t>(), st_tk,
+                                 gpt, gptk, gfl);
     for (int64_t x = 0; x < P.W; ++x) {
       const int64_t i = r * P.W + x;
-      const acc_t g = mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
-      const acc_t l = temporal_loss_pixel<scalar_t, acc_t, Add>(
-          P, r / P.H, r % P.H, x, T.pt.data_ptr<scalar_t>(), T.ptk.data_ptr<scalar_t>(), T.flow.data_ptr<acc_t>(),
-          T.it.data_ptr<acc_t>(), T.itk.data_ptr<acc_t>(), st_t, st_tk, g, gpt, gptk, gfl, add);
+      acc_t l;
+      if (P.g_pt || P.g_ptk || P.g_flow) {
+        const acc_t g = mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
+        l = temporal_loss_pixel<true, scalar_t, acc_t, int64_t>(P, I, r % P.H, x, g, scatter);
+      } else {
+        l = temporal_loss_pixel<false, scalar_t, acc_t, int64_t>(P, I, r % P.H, x, acc_t(0), scatter);
+      }
       if (loss) loss[i] = l;
     }
   }
@@ -253,37 +269,31 @@ template <typename scalar_t, typename acc_t>
 void run_per_pixel(const TLTensors& T) {
   const TLParams& P = T.P;
   const int64_t HW = P.H * P.W, nrows = P.B * P.H;
-  at::Tensor st_t, st_tk;
-  const SoftmaxStats<acc_t>*pst_t = nullptr, *pst_tk = nullptr;
+  at::Tensor st_tk;
+  const SoftmaxStats<acc_t>* pst_tk = nullptr;
   if (P.on_prob) {
-    st_t = tl_softmax_stats_buffer(P, T.flow);
     st_tk = tl_softmax_stats_buffer(P, T.flow);
-    auto* a = reinterpret_cast<SoftmaxStats<acc_t>*>(st_t.data_ptr<acc_t>());
     auto* k = reinterpret_cast<SoftmaxStats<acc_t>*>(st_tk.data_ptr<acc_t>());
-    const scalar_t *pt = T.pt.data_ptr<scalar_t>(), *ptk = T.ptk.data_ptr<scalar_t>();
+    const scalar_t* ptk = T.ptk.data_ptr<scalar_t>();
     at::parallel_for(0, P.B * HW, 1024, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t off = (i / HW) * P.C * HW + i % HW;
-        a[i] = channel_softmax_stats<scalar_t, acc_t>(pt + off, P.C, HW);
-        k[i] = channel_softmax_stats<scalar_t, acc_t>(ptk + off, P.C, HW);
-      }
+      for (int64_t i = lo; i < hi; ++i) k[i] = channel_softmax_stats<scalar_t, acc_t>(ptk + (i / HW) * P.C * HW + i % HW, P.C, HW);
     });
-    pst_t = a, pst_tk = k;
+    pst_tk = k;
   }
   const int nthreads = at::get_num_threads();
   if (!P.g_ptk || nthreads == 1) {
     // No scatter, or a single thread: rows may run in any order.
     at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) {
-      rows_per_pixel<scalar_t, acc_t>(T, pst_t, pst_tk, lo, hi, PlainAdd{});
+      rows_per_pixel<scalar_t, acc_t, false>(T, pst_tk, lo, hi);
     });
   } else if (P.B >= nthreads) {
     // One thread per batch item owns its slice of d pred_tk: deterministic plain adds.
     at::parallel_for(0, P.B, 1, [&](int64_t lo, int64_t hi) {
-      rows_per_pixel<scalar_t, acc_t>(T, pst_t, pst_tk, lo * P.H, hi * P.H, PlainAdd{});
+      rows_per_pixel<scalar_t, acc_t, false>(T, pst_tk, lo * P.H, hi * P.H);
     });
   } else {
     at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) {
-      rows_per_pixel<scalar_t, acc_t>(T, pst_t, pst_tk, lo, hi, CasAdd{});
+      rows_per_pixel<scalar_t, acc_t, true>(T, pst_tk, lo, hi);
     });
   }
 }

@@ -43,9 +43,10 @@ HOST_DEVICE_INLINE bool is_finite(T v) {
 // Bilinear taps of one sample point: four corners (nw, ne, sw, se), their weights, whether each
 // lies inside the image, and d(weight)/d(px), d(weight)/d(py) (already multiplied by the
 // border-clamp gradient, as PyTorch's GridSampler does: clamped coordinates get no gradient).
-template <typename acc_t>
+// index_t: the integer type of plane offsets (int32_t where every plane fits, as on the GPU).
+template <typename acc_t, typename index_t = int64_t>
 struct BilinearTaps {
-  int64_t off[4];  // y*W + x of each corner (only meaningful where valid)
+  index_t off[4];  // y*W + x of each corner (only meaningful where valid)
   bool valid[4];
   acc_t w[4];
   acc_t dwdx[4];
@@ -55,9 +56,9 @@ struct BilinearTaps {
 
 // px, py: sample coordinates in pixels (x + flow_x, y + flow_y). zeros_pad=false is
 // grid_sample(align_corners=True, padding_mode="border"); true is padding_mode="zeros".
-template <typename acc_t>
-HOST_DEVICE_INLINE void bilinear_taps(acc_t px, acc_t py, int64_t H, int64_t W, bool zeros_pad,
-                                      BilinearTaps<acc_t>& t) {
+template <typename acc_t, typename index_t>
+HOST_DEVICE_INLINE void bilinear_taps(acc_t px, acc_t py, index_t H, index_t W, bool zeros_pad,
+                                      BilinearTaps<acc_t, index_t>& t) {
   t.finite = is_finite(px) && is_finite(py);
   for (int k = 0; k < 4; ++k) {
     t.valid[k] = false;
@@ -80,10 +81,11 @@ HOST_DEVICE_INLINE void bilinear_taps(acc_t px, acc_t py, int64_t H, int64_t W, 
     if (!(px >= acc_t(-1) && px <= acc_t(W) && py >= acc_t(-1) && py <= acc_t(H))) return;
   }
   const acc_t fx = m_floor(px), fy = m_floor(py);
-  const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy);
+  // -1 <= fx <= W, -1 <= fy <= H here: the offsets fit index_t
+  const index_t x0 = static_cast<index_t>(fx), y0 = static_cast<index_t>(fy);
   const acc_t tx = px - fx, ty = py - fy;
-  const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
-  const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
+  const index_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
+  const index_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
   const acc_t w[4] = {(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty};
   const acc_t dx[4] = {-(1 - ty), (1 - ty), -ty, ty};
   const acc_t dy[4] = {-(1 - tx), -tx, (1 - tx), tx};

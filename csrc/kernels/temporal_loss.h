@@ -45,21 +45,21 @@ HOST_DEVICE_INLINE acc_t softmax_rinv(acc_t m, acc_t sum) {
   return is_finite(m) ? acc_t(1) / sum : acc_t(NAN);
 }
 
-template <typename scalar_t, typename acc_t>
-HOST_DEVICE_INLINE SoftmaxStats<acc_t> channel_softmax_stats(const scalar_t* p, int64_t C, int64_t HW) {
+template <typename scalar_t, typename acc_t, typename index_t = int64_t>
+HOST_DEVICE_INLINE SoftmaxStats<acc_t> channel_softmax_stats(const scalar_t* p, index_t C, index_t HW) {
   acc_t m = static_cast<acc_t>(p[0]);
-  for (int64_t c = 1; c < C; ++c) {
+  for (index_t c = 1; c < C; ++c) {
     const acc_t v = static_cast<acc_t>(p[c * HW]);
     m = v > m ? v : m;
   }
   acc_t s = acc_t(0);
   if (is_finite(m))
-    for (int64_t c = 0; c < C; ++c) s += m_exp(static_cast<acc_t>(p[c * HW]) - m);
+    for (index_t c = 0; c < C; ++c) s += m_exp(static_cast<acc_t>(p[c * HW]) - m);
   return {m, softmax_rinv(m, s)};
 }
 
-template <typename scalar_t, typename acc_t>
-HOST_DEVICE_INLINE acc_t prob_of(const scalar_t* p, int64_t idx, SoftmaxStats<acc_t> st, bool on_prob) {
+template <typename scalar_t, typename acc_t, typename index_t>
+HOST_DEVICE_INLINE acc_t prob_of(const scalar_t* p, index_t idx, SoftmaxStats<acc_t> st, bool on_prob) {
   const acc_t v = static_cast<acc_t>(p[idx]);
   return on_prob ? m_exp(v - st.m) * st.rinv : v;
 }
@@ -70,13 +70,13 @@ HOST_DEVICE_INLINE acc_t mask_from_residual(acc_t r, acc_t p) {
   return p == acc_t(0) ? acc_t(1) : m_exp(-p * r);
 }
 
-// Occlusion weight V^p of pixel `pix` (offset y*W + x inside a plane) of batch b.
-template <typename acc_t>
-HOST_DEVICE_INLINE acc_t mask_weight(const TLParams& P, const acc_t* it_b, const acc_t* itk_b,
-                                     int64_t pix, const BilinearTaps<acc_t>& t) {
-  const int64_t HW = P.H * P.W;
+// Occlusion weight V^p of pixel `pix` (offset y*W + x inside a plane); it_b, itk_b: the images
+// of its batch item.
+template <typename acc_t, typename index_t>
+HOST_DEVICE_INLINE acc_t mask_weight(const TLParams& P, const acc_t* it_b, const acc_t* itk_b, index_t pix,
+                                     index_t HW, const BilinearTaps<acc_t, index_t>& t) {
   acc_t s = acc_t(0);
-  for (int64_t c = 0; c < P.Ci; ++c) {
+  for (index_t c = 0; c < static_cast<index_t>(P.Ci); ++c) {
     acc_t warped = acc_t(0);
     for (int k = 0; k < 4; ++k)
       if (t.valid[k]) warped += t.w[k] * itk_b[c * HW + t.off[k]];
@@ -101,8 +101,8 @@ struct TLAccum {
 };
 
 // Pass 1, channel c: q_t and the four corners' q (0 outside the image). k2 = 2 g V^p.
-template <typename acc_t>
-HOST_DEVICE_INLINE void tl_channel_accumulate(const BilinearTaps<acc_t>& t, acc_t qt, const acc_t qk[4], bool grads,
+template <typename acc_t, typename index_t>
+HOST_DEVICE_INLINE void tl_channel_accumulate(const BilinearTaps<acc_t, index_t>& t, acc_t qt, const acc_t qk[4], bool grads,
                                               acc_t k2, TLAccum<acc_t>& A) {
   acc_t w = acc_t(0), wx = acc_t(0), wy = acc_t(0);
   for (int k = 0; k < 4; ++k) {
@@ -123,8 +123,8 @@ HOST_DEVICE_INLINE void tl_channel_accumulate(const BilinearTaps<acc_t>& t, acc_
 
 // Pass 2, channel c: returns d pred_t[c]; gk[k] = what corner k of pred_tk receives (0 for a
 // corner outside the image or of zero weight: the caller skips those).
-template <typename acc_t>
-HOST_DEVICE_INLINE acc_t tl_channel_grads(const BilinearTaps<acc_t>& t, acc_t qt, const acc_t qk[4], acc_t k2,
+template <typename acc_t, typename index_t>
+HOST_DEVICE_INLINE acc_t tl_channel_grads(const BilinearTaps<acc_t, index_t>& t, acc_t qt, const acc_t qk[4], acc_t k2,
                                           bool on_prob, const TLAccum<acc_t>& A, acc_t gk[4]) {
   acc_t w = acc_t(0);
   for (int k = 0; k < 4; ++k) w += t.w[k] * qk[k];
@@ -133,67 +133,94 @@ HOST_DEVICE_INLINE acc_t tl_channel_grads(const BilinearTaps<acc_t>& t, acc_t qt
   return on_prob ? qt * (dq - A.dot_t) : dq;
 }
 
+// The tensors of one batch item (pointers at its first element; offsets inside it are index_t).
+// st_tk: softmax statistics of pred_tk (on="prob"); gradients null where not requested.
+template <typename scalar_t, typename acc_t>
+struct TLItem {
+  const scalar_t* pt;
+  const scalar_t* ptk;
+  const acc_t* flow;
+  const acc_t* it;
+  const acc_t* itk;
+  const SoftmaxStats<acc_t>* st_tk;
+  scalar_t* g_pt;
+  acc_t* g_ptk;
+  acc_t* g_flow;
+};
+
+template <typename scalar_t, typename acc_t>
+HOST_DEVICE_INLINE TLItem<scalar_t, acc_t> tl_item(const TLParams& P, int64_t b, const scalar_t* pt,
+                                                   const scalar_t* ptk, const acc_t* flow, const acc_t* it,
+                                                   const acc_t* itk, const SoftmaxStats<acc_t>* st_tk,
+                                                   scalar_t* g_pt, acc_t* g_ptk, acc_t* g_flow) {
+  const int64_t HW = P.H * P.W, pred = b * P.C * HW, img = b * P.Ci * HW, fl = b * 2 * HW;
+  return {pt + pred, ptk + pred, flow + fl, it + img, itk + img, st_tk ? st_tk + b * HW : nullptr,
+          g_pt ? g_pt + pred : nullptr, g_ptk ? g_ptk + pred : nullptr, g_flow ? g_flow + fl : nullptr};
+}
+
 // One pixel, both passes (the GPU kernel's orchestration: one thread per pixel, q recomputed in
-// pass 2 rather than kept; registers are scarce). Adds to g_ptk through `add` (atomicAdd on
-// the GPU, plain or CAS on the CPU). Returns l_i; `gscale` = dL/dl_i (0: no gradients).
-template <typename scalar_t, typename acc_t, typename Add>
-HOST_DEVICE_INLINE acc_t temporal_loss_pixel(
-    const TLParams& P, int64_t b, int64_t y, int64_t x,
-    const scalar_t* __restrict__ pt, const scalar_t* __restrict__ ptk,
-    const acc_t* __restrict__ flow, const acc_t* __restrict__ it, const acc_t* __restrict__ itk,
-    const SoftmaxStats<acc_t>* __restrict__ st_t, const SoftmaxStats<acc_t>* __restrict__ st_tk, acc_t gscale,
-    scalar_t* __restrict__ g_pt, acc_t* __restrict__ g_ptk, acc_t* __restrict__ g_flow, Add add) {
-  const int64_t HW = P.H * P.W, C = P.C;
-  const int64_t pix = y * P.W + x;
-  const int64_t pix_b = b * HW + pix;
-  const acc_t u = flow[(b * 2) * HW + pix], v = flow[(b * 2 + 1) * HW + pix];
-  BilinearTaps<acc_t> t;
-  bilinear_taps<acc_t>(acc_t(x) + u, acc_t(y) + v, P.H, P.W, P.zeros_pad, t);
+// pass 2 rather than kept; registers are scarce). The softmax statistics of pred_t at the pixel
+// are computed here from its own channel vector (a coalesced read that pass 1 reads again from
+// the cache); those of pred_tk come precomputed (st_tk), as every pixel reads four corners.
+// kGrads = false compiles the loss alone (the forward). d pred_tk goes through `scatter`:
+// scatter.prepare(taps) once before pass 2, then scatter(plane, taps, gk) per channel with
+// plane = g_ptk + c*HW (plain or atomic adds; the GPU's merges neighbouring threads' corners).
+// Returns l_i; `gscale` = dL/dl_i.
+template <bool kGrads, typename scalar_t, typename acc_t, typename index_t, typename Scatter>
+HOST_DEVICE_INLINE acc_t temporal_loss_pixel(const TLParams& P, const TLItem<scalar_t, acc_t>& I, index_t y,
+                                             index_t x, acc_t gscale, Scatter& scatter) {
+  const index_t W = static_cast<index_t>(P.W), HW = static_cast<index_t>(P.H) * W;
+  const index_t C = static_cast<index_t>(P.C);
+  const index_t pix = y * W + x;
+  const acc_t u = I.flow[pix], v = I.flow[HW + pix];
+  BilinearTaps<acc_t, index_t> t;
+  bilinear_taps<acc_t, index_t>(acc_t(x) + u, acc_t(y) + v, static_cast<index_t>(P.H), W, P.zeros_pad, t);
   if (!t.finite) {
     // Non-finite flow: the loss of this pixel is NaN (as in the reference), no gradient.
-    if (g_flow) { g_flow[(b * 2) * HW + pix] = acc_t(0); g_flow[(b * 2 + 1) * HW + pix] = acc_t(0); }
-    if (g_pt)
-      for (int64_t c = 0; c < C; ++c) g_pt[(b * C + c) * HW + pix] = scalar_t(0);
+    if (kGrads && I.g_flow) { I.g_flow[pix] = acc_t(0); I.g_flow[HW + pix] = acc_t(0); }
+    if (kGrads && I.g_pt)
+      for (index_t c = 0; c < C; ++c) I.g_pt[c * HW + pix] = scalar_t(0);
     return acc_t(NAN);
   }
-  const acc_t vp = mask_weight<acc_t>(P, it + b * P.Ci * HW, itk + b * P.Ci * HW, pix, t);
-  const scalar_t* pt_i = pt + b * C * HW + pix;
-  const scalar_t* ptk_b = ptk + b * C * HW;
-  const SoftmaxStats<acc_t> lt = P.on_prob ? st_t[pix_b] : SoftmaxStats<acc_t>{0, 1};
+  const acc_t vp = mask_weight<acc_t, index_t>(P, I.it, I.itk, pix, HW, t);
+  const scalar_t* pt_i = I.pt + pix;
+  const SoftmaxStats<acc_t> lt =
+      P.on_prob ? channel_softmax_stats<scalar_t, acc_t, index_t>(pt_i, C, HW) : SoftmaxStats<acc_t>{0, 1};
   SoftmaxStats<acc_t> lk[4] = {{0, 1}, {0, 1}, {0, 1}, {0, 1}};
   if (P.on_prob)
     for (int k = 0; k < 4; ++k)
-      if (t.valid[k]) lk[k] = st_tk[b * HW + t.off[k]];
-  auto corners = [&](int64_t c, acc_t qk[4]) {
+      if (t.valid[k]) lk[k] = I.st_tk[t.off[k]];
+  auto corners = [&](index_t c, acc_t qk[4]) {
     for (int k = 0; k < 4; ++k)
-      qk[k] = t.valid[k] ? prob_of<scalar_t, acc_t>(ptk_b, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0);
+      qk[k] = t.valid[k] ? prob_of<scalar_t, acc_t, index_t>(I.ptk, c * HW + t.off[k], lk[k], P.on_prob) : acc_t(0);
   };
 
-  const bool grads = gscale != acc_t(0) && (P.g_pt || P.g_ptk || P.g_flow);
+  const bool grads = kGrads && gscale != acc_t(0) && (P.g_pt || P.g_ptk || P.g_flow);
   const acc_t k2 = acc_t(2) * gscale * vp;  // dl/d(diff) = 2 g V^p diff
   TLAccum<acc_t> A;
-  for (int64_t c = 0; c < C; ++c) {  // pass 1: loss and the channel reductions
+  for (index_t c = 0; c < C; ++c) {  // pass 1: loss and the channel reductions
     acc_t qk[4];
     corners(c, qk);
-    tl_channel_accumulate<acc_t>(t, prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob), qk, grads, k2, A);
+    tl_channel_accumulate<acc_t, index_t>(t, prob_of<scalar_t, acc_t, index_t>(pt_i, c * HW, lt, P.on_prob), qk,
+                                          grads, k2, A);
   }
-  if (P.g_flow && g_flow) {  // zeros where this pixel has no gradient
-    g_flow[(b * 2) * HW + pix] = A.gx;
-    g_flow[(b * 2 + 1) * HW + pix] = A.gy;
+  if (!kGrads) return A.sumsq * vp;
+  if (P.g_flow && I.g_flow) {  // zeros where this pixel has no gradient
+    I.g_flow[pix] = A.gx;
+    I.g_flow[HW + pix] = A.gy;
   }
   if (grads && (P.g_pt || P.g_ptk)) {  // pass 2: write d pred_t, scatter d pred_tk
-    for (int64_t c = 0; c < C; ++c) {
+    if (P.g_ptk) scatter.prepare(t);
+    for (index_t c = 0; c < C; ++c) {
       acc_t qk[4], gk[4];
       corners(c, qk);
-      const acc_t gpt = tl_channel_grads<acc_t>(t, prob_of<scalar_t, acc_t>(pt_i, c * HW, lt, P.on_prob), qk, k2,
-                                                P.on_prob, A, gk);
-      if (P.g_pt) g_pt[(b * C + c) * HW + pix] = static_cast<scalar_t>(gpt);
-      if (P.g_ptk)
-        for (int k = 0; k < 4; ++k)
-          if (t.valid[k] && t.w[k] != acc_t(0)) add(&g_ptk[(b * C + c) * HW + t.off[k]], gk[k]);
+      const acc_t gpt = tl_channel_grads<acc_t, index_t>(t, prob_of<scalar_t, acc_t, index_t>(pt_i, c * HW, lt, P.on_prob),
+                                                         qk, k2, P.on_prob, A, gk);
+      if (P.g_pt) I.g_pt[c * HW + pix] = static_cast<scalar_t>(gpt);
+      if (P.g_ptk) scatter(I.g_ptk + c * HW, t, gk);
     }
-  } else if (P.g_pt && g_pt) {
-    for (int64_t c = 0; c < C; ++c) g_pt[(b * C + c) * HW + pix] = scalar_t(0);
+  } else if (P.g_pt && I.g_pt) {
+    for (index_t c = 0; c < C; ++c) I.g_pt[c * HW + pix] = scalar_t(0);
   }
   return A.sumsq * vp;
 }
