@@ -36,8 +36,11 @@ def make(shape, flow, dtype, seed=0):
 
 
 def compulsory_bytes(inputs, backward):
+    """Bytes a call must move at least: the forward reads the inputs once; the backward (a
+    separate call: autograd keeps nothing of the forward) reads them again and writes the
+    gradients of pred_t, pred_tk and flow once."""
     n = sum(t.numel() * t.element_size() for t in inputs)
-    return n + (sum(t.numel() * t.element_size() for t in inputs[:3]) if backward else 0)
+    return n + (n + sum(t.numel() * t.element_size() for t in inputs[:3]) if backward else 0)
 
 
 def copy_bandwidth():
