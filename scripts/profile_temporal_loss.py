@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--backends", nargs="+", default=["reference", "cuda", "triton"])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--flows", nargs="+", default=["iid", "smooth"])
+    ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"])
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--once", action="store_true")
     a = ap.parse_args()
@@ -107,7 +108,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e9:.0f} GB/s  shape {shape}  "
           f"(median of {a.iters} CUDA-event timings)")
     print(f"{'pass':<8} {'dtype':<9} {'flow':<7} {'backend':<10} {'ms':>8} {'SOL ms':>7} {'% SOL':>6} {'vs ref':>7}")
-    for pass_, dt, flow in itertools.product(("fwd", "fwd+bwd"), a.dtypes, a.flows):
+    for pass_, dt, flow in itertools.product(a.passes, a.dtypes, a.flows):
         inputs = make(shape, flow, getattr(torch, dt))
         sol = compulsory_bytes(inputs, pass_ != "fwd") / bw * 1e3
         ref = None

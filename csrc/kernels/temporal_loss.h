@@ -198,6 +198,7 @@ HOST_DEVICE_INLINE acc_t temporal_loss_pixel(const TLParams& P, const TLItem<sca
   const bool grads = kGrads && gscale != acc_t(0) && (P.g_pt || P.g_ptk || P.g_flow);
   const acc_t k2 = acc_t(2) * gscale * vp;  // dl/d(diff) = 2 g V^p diff
   TLAccum<acc_t> A;
+  TC_UNROLL((kGrads ? 1 : 2))  // the backward has no registers to spare
   for (index_t c = 0; c < C; ++c) {  // pass 1: loss and the channel reductions
     acc_t qk[4];
     corners(c, qk);
