@@ -1,8 +1,8 @@
 // CUDA kernels of the fused temporal loss, per-pixel math from kernels/temporal_loss.h.
 //
-// One thread per pixel; adjacent threads read adjacent x, so every channel plane is read
-// coalesced. A grid row (blockIdx.y) walks one batch item, so a warp's pixels share it and
-// offsets inside an item are 32-bit where every plane set fits (int64 otherwise). Per call:
+// One thread per pixel; a warp's threads read adjacent x, so every channel plane is read
+// coalesced. Blocks are 32x8 tiles of one batch item (blockIdx.y), and offsets inside an item
+// are 32-bit where every plane set fits (int64 otherwise). Per call:
 //  - on="prob": one pre-pass writes the softmax statistics (max, 1/sum) of pred_tk, 8 bytes a
 //    pixel, since every pixel gathers four corners of it; those of pred_t are computed by the
 //    thread that owns the pixel (its channel vector is read coalesced, pass 1 re-reads it from
@@ -64,11 +64,20 @@ struct WarpScatter {
   }
 };
 
-dim3 grid_for(const TLParams& P) {
-  const int64_t HW = P.H * P.W;
-  const int64_t bx = std::min<int64_t>((HW + kThreads - 1) / kThreads, 1 << 20);
-  const int64_t by = std::min<int64_t>(P.B, 65535);
-  return dim3(static_cast<unsigned>(std::max<int64_t>(bx, 1)), static_cast<unsigned>(std::max<int64_t>(by, 1)));
+// The main kernels run 32x8 tiles of pixels (a warp is 32 pixels of one row): the corner rows
+// of vertically neighbouring pixels are shared, so under a smooth flow a block's gathers hit
+// in L1 what a row-segment block would fetch from L2 again.
+constexpr int kTileX = 32, kTileY = kThreads / kTileX;
+
+dim3 grid_1d(const TLParams& P) {
+  const int64_t bx = std::min<int64_t>((P.H * P.W + kThreads - 1) / kThreads, 1 << 20);
+  return dim3(static_cast<unsigned>(std::max<int64_t>(bx, 1)), static_cast<unsigned>(std::min<int64_t>(P.B, 65535)));
+}
+
+// blockIdx.x: the tile (row-major over the tiles of an image), blockIdx.y: the batch item.
+dim3 grid_tiles(const TLParams& P) {
+  const int64_t tiles = ((P.W + kTileX - 1) / kTileX) * ((P.H + kTileY - 1) / kTileY);
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(P.B, 65535)));
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
@@ -94,16 +103,17 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kGrads, acc_t, index_t>)
     const acc_t* __restrict__ it, const acc_t* __restrict__ itk, const SoftmaxStats<acc_t>* __restrict__ st_tk,
     const acc_t* __restrict__ grad, bool grad_map, acc_t grad_mul, acc_t* __restrict__ loss,
     scalar_t* __restrict__ gpt, acc_t* __restrict__ gptk, acc_t* __restrict__ gfl) {
-  const index_t W = static_cast<index_t>(P.W), HW = static_cast<index_t>(P.H * P.W);
+  const index_t H = static_cast<index_t>(P.H), W = static_cast<index_t>(P.W), HW = H * W;
+  const index_t tiles_x = (W + kTileX - 1) / kTileX, tile_y = blockIdx.x / tiles_x;
+  const index_t x = (blockIdx.x - tile_y * tiles_x) * kTileX + threadIdx.x, y = tile_y * kTileY + threadIdx.y;
+  if (x >= W || y >= H) return;
+  const index_t pix = y * W + x;
   for (int64_t b = blockIdx.y; b < P.B; b += gridDim.y) {
     const TLItem<scalar_t, acc_t> I = tl_item<scalar_t, acc_t>(P, b, pt, ptk, flow, it, itk, st_tk, gpt, gptk, gfl);
-    for (index_t pix = blockIdx.x * kThreads + threadIdx.x; pix < HW; pix += gridDim.x * kThreads) {
-      const index_t y = pix / W, x = pix - y * W;
-      const acc_t g = kGrads ? grad_mul * (grad ? grad[grad_map ? b * HW + pix : 0] : acc_t(1)) : acc_t(0);
-      WarpScatter<acc_t, index_t> scatter;
-      const acc_t l = temporal_loss_pixel<kGrads, scalar_t, acc_t, index_t>(P, I, y, x, g, scatter);
-      if (loss) loss[b * HW + pix] = l;
-    }
+    const acc_t g = kGrads ? grad_mul * (grad ? grad[grad_map ? b * HW + pix : 0] : acc_t(1)) : acc_t(0);
+    WarpScatter<acc_t, index_t> scatter;
+    const acc_t l = temporal_loss_pixel<kGrads, scalar_t, acc_t, index_t>(P, I, y, x, g, scatter);
+    if (loss) loss[b * HW + pix] = l;
   }
 }
 
@@ -112,19 +122,18 @@ void launch(TLTensors& T, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const TLParams& P = T.P;
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
-  const dim3 grid = grid_for(P);
   at::Tensor st_tk;
   SoftmaxStats<acc_t>* st = nullptr;
   if (P.on_prob) {
     st_tk = tl_softmax_stats_buffer(P, T.flow);
     st = reinterpret_cast<SoftmaxStats<acc_t>*>(st_tk.data_ptr<acc_t>());
-    softmax_stats_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, 0, stream>>>(P, T.ptk.data_ptr<scalar_t>(), st);
+    softmax_stats_kernel<scalar_t, acc_t, index_t><<<grid_1d(P), kThreads, 0, stream>>>(P, T.ptk.data_ptr<scalar_t>(), st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const bool grads = P.g_pt || P.g_ptk || P.g_flow;
   auto kernel = grads ? temporal_loss_kernel<true, scalar_t, acc_t, index_t>
                       : temporal_loss_kernel<false, scalar_t, acc_t, index_t>;
-  kernel<<<grid, kThreads, 0, stream>>>(
+  kernel<<<grid_tiles(P), dim3(kTileX, kTileY), 0, stream>>>(
       P, T.pt.data_ptr<scalar_t>(), T.ptk.data_ptr<scalar_t>(), ptr(T.flow), ptr(T.it), ptr(T.itk), st,
       ptr(T.grad), T.grad.defined() && T.grad.numel() > 1, static_cast<acc_t>(T.grad_mul), ptr(T.loss_map),
       T.g_pt.defined() ? T.g_pt.data_ptr<scalar_t>() : nullptr, ptr(T.g_ptk_acc), ptr(T.g_flow));

@@ -1,11 +1,12 @@
 """Triton kernel of the fused temporal loss (eq. 1): kernel -> launcher -> torch.library op.
 
-One thread per pixel: a program owns BLOCK_P = 32 * num_warps consecutive pixels and every
-tensor in the kernel is a (BLOCK_P,) vector, walked over the channels with loops. So the 32
-lanes of a warp read, write and scatter 32 adjacent pixels of one channel plane (coalesced; the
-corners of neighbouring pixels are neighbours under a smooth flow), the channel sums stay in
-the thread (no shuffles or barriers), there is one layout (no shared-memory conversions) and
-the registers do not grow with C (no spills, no padding of C to a power of two):
+One thread per pixel: a program owns a tile of BLOCK_P = 32 * num_warps pixels (4 rows of
+32), and every tensor in the kernel is a (BLOCK_P,) vector, walked over the channels with
+loops. So the 32 lanes of a warp read, write and scatter 32 adjacent pixels of one channel
+plane (coalesced; the corners of neighbouring pixels are neighbours under a smooth flow), the
+channel sums stay in the thread (no shuffles or barriers), there is one layout (no
+shared-memory conversions) and the registers do not grow with C (no spills, no padding of C
+to a power of two):
   pre-pass (on="prob"): softmax statistics (max, 1/sum) of pred_tk, 8 bytes a pixel, which
           the four corners of every pixel read instead of C values each;
   pass 1: the same statistics of pred_t[:, i] from its own channels (max, then sum);
@@ -35,15 +36,16 @@ import triton.language as tl
 from torch.library import custom_op
 
 NUM_WARPS = 4  # BLOCK_P = 32 * NUM_WARPS pixels a program
+TILE_W = 32  # the main kernel's programs are (BLOCK_P // TILE_W) x TILE_W tiles
 
 
 @triton.jit
 def _temporal_loss_kernel(
     pt_ptr, ptk_ptr, st_ptr, flow_ptr, it_ptr, itk_ptr, grad_ptr, loss_ptr, gpt_ptr, gptk_ptr, gflow_ptr,
-    n_pix, C, CI, H, W, mask_power,
+    C, CI, H, W, mask_power,
     ON_PROB: tl.constexpr, MASK_MODE: tl.constexpr, ZEROS_PAD: tl.constexpr, GRAD_MODE: tl.constexpr,
     G_PT: tl.constexpr, G_PTK: tl.constexpr, G_FLOW: tl.constexpr, WRITE_LOSS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, TILE_W: tl.constexpr,
 ):
     """Per pixel i = (b,y,x), flow (u,v), a_k the bilinear weights at (x+u, y+v):
         q_t = softmax_C(pred_t[:, i]),  w = sum_k a_k softmax_C(pred_tk[:, corner_k])
@@ -57,14 +59,23 @@ def _temporal_loss_kernel(
     float64 (Python floats reach a kernel as float32). WRITE_LOSS: store the loss map (the
     backward op has no use for it).
     """
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = offs < n_pix
+    # A program is a tile of BLOCK_P // TILE_W rows x TILE_W pixels of one batch item (a warp is
+    # 32 pixels of one row): vertically neighbouring pixels share corner rows, so under a smooth
+    # flow the gathers find in L1 what a row-segment program would fetch from L2 again.
+    pid = tl.program_id(0).to(tl.int64)
+    TILE_H: tl.constexpr = BLOCK_P // TILE_W
+    tiles_x = tl.cdiv(W, TILE_W)
+    tiles = tiles_x * tl.cdiv(H, TILE_H)
+    b = pid // tiles
+    tile_y = (pid - b * tiles) // tiles_x
+    tile_x = pid - b * tiles - tile_y * tiles_x
+    lane = tl.arange(0, BLOCK_P)
+    y = tile_y * TILE_H + lane // TILE_W
+    x = tile_x * TILE_W + lane % TILE_W
+    pmask = (y < H) & (x < W)
     HW = H.to(tl.int64) * W
-    b = offs // HW
-    pix = offs - b * HW
-    y = pix // W
-    x = pix - y * W
+    pix = y * W + x
+    offs = b * HW + pix
     fl_base = b * 2 * HW + pix
     u = tl.load(flow_ptr + fl_base, mask=pmask, other=0.0)
     v = tl.load(flow_ptr + fl_base + HW, mask=pmask, other=0.0)
@@ -328,6 +339,7 @@ def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask
     # one pixel per thread: every tensor of the kernel is a (BLOCK_P,) vector in one layout
     BLOCK_P = 32 * NUM_WARPS
     grid = (triton.cdiv(n_pix, BLOCK_P),)
+    tiles = (B * triton.cdiv(W, TILE_W) * triton.cdiv(H, BLOCK_P // TILE_W),)
     if n_pix > 0:
         stats = None
         if on_prob:  # softmax statistics of pred_tk, read at the four corners of every pixel
@@ -337,14 +349,14 @@ def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask
         # unused pointers get a 1-element dummy rather than None (the constexpr flags prune
         # every access), which keeps one argument signature for eager and inductor launches
         dummy = torch.empty((1,), device=pt.device, dtype=acc)
-        _temporal_loss_kernel[grid](
+        _temporal_loss_kernel[tiles](
             pt, ptk, dummy if stats is None else stats, fl, it, itk, dummy if grad is None else grad, loss,
             torch.empty((1,), device=pt.device, dtype=pt.dtype) if gpt is None else gpt,
             dummy if gptk is None else gptk, dummy if gfl is None else gfl,
-            n_pix, C, CI, H, W, float(mask_power),
+            C, CI, H, W, float(mask_power),
             ON_PROB=bool(on_prob), MASK_MODE=int(mask_mode), ZEROS_PAD=bool(zeros_padding), GRAD_MODE=grad_mode,
             G_PT=bool(g_pt), G_PTK=bool(g_ptk), G_FLOW=bool(g_flow), WRITE_LOSS=bool(write_loss),
-            BLOCK_P=BLOCK_P, num_warps=NUM_WARPS,
+            BLOCK_P=BLOCK_P, TILE_W=TILE_W, num_warps=NUM_WARPS,
         )
     grads = (gpt if g_pt else pred_t.new_empty((0,)),
              gptk.to(pred_t.dtype) if g_ptk else pred_t.new_empty((0,)),
