@@ -17,10 +17,11 @@ accesses are counted in the PTX, global reductions/atomics, memory barriers, CTA
 warp shuffles in the SASS (``REDG`` is a fire-and-forget reduction, ``ATOMG`` returns a value).
 All counts are static instructions: a loop body counts once.
 
-``--ext`` also lists the CUDA kernels of ``tcloss/_C*.so`` (registers/stack/shared from
-cuobjdump), if the extension was built with device code.
+``--ext`` also lists the CUDA kernels of ``tcloss/_C*.so`` or of the files named after it
+(registers/stack/shared/local from cuobjdump), if the extension was built with device code
+(``make install`` builds it for sm_90 wherever nvcc is found).
 
-    .venv/bin/python scripts/static_resources.py [--ext] [--only temporal|pairwise|convlstm]
+    .venv/bin/python scripts/static_resources.py [--ext [LIB ...]] [--only temporal|pairwise|convlstm]
 
 Caveat: the numbers belong to the triton/ptxas installed here (printed in the header); the GPU
 machine may run another triton version.
@@ -235,7 +236,8 @@ def ext_table(libs=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ext", action="store_true", help="also the CUDA kernels of tcloss/_C*.so")
+    ap.add_argument("--ext", nargs="*", metavar="LIB",
+                    help="also the CUDA kernels of tcloss/_C*.so (or of the extensions named)")
     ap.add_argument("--only", choices=("temporal", "pairwise", "convlstm"), action="append")
     a = ap.parse_args()
     which = a.only or ["temporal", "pairwise", "convlstm"]
@@ -244,8 +246,8 @@ def main():
         if name in which:
             groups += get()
     triton_table(groups)
-    if a.ext:
-        ext_table()
+    if a.ext is not None:
+        ext_table(a.ext or None)
 
 
 if __name__ == "__main__":
