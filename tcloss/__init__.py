@@ -18,4 +18,14 @@ from . import metrics, nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["flow_warp", "occlusion_mask", "temporal_loss", "pairwise_similarity_loss", "pixelwise_kd", "convlstm_cell",
-           "available_backends", "nn", "metrics", "reference"]
+           "available_backends", "nn", "metrics", "reference", "flow"]
+
+
+def __getattr__(name):
+    # tcloss.flow (optional extra tcloss[flow]) is imported on first use; it imports cv2 / torchvision
+    # only inside its estimators.
+    if name == "flow":
+        import importlib
+
+        return importlib.import_module(".flow", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

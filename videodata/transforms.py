@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tcloss.flow import resize_flow  # one home for it; re-exported for the data pipeline
+
 __all__ = ["sample_triplet", "TripletAugment", "resize_sample", "resize_flow", "new_rng"]
 
 
@@ -39,19 +41,6 @@ def sample_triplet(label_index: int, num_frames: int, max_distance: int, rng: np
     d_prev = int(rng.integers(lo, max_distance + 1))
     d_next = int(rng.integers(lo, max_distance + 1))
     return max(label_index - d_prev, 0), label_index, min(label_index + d_next, num_frames - 1)
-
-
-def resize_flow(flow: torch.Tensor, size) -> torch.Tensor:
-    """Resize flow (..., 2, H, W) bilinearly and scale (dx, dy) by (W'/W, H'/H)."""
-    h, w = flow.shape[-2:]
-    nh, nw = int(size[0]), int(size[1])
-    if (nh, nw) == (h, w):
-        return flow
-    lead = flow.shape[:-3]
-    f = flow.reshape(-1, 2, h, w)
-    f = F.interpolate(f, size=(nh, nw), mode="bilinear", align_corners=False)
-    f = f * torch.tensor([nw / w, nh / h], dtype=f.dtype).view(1, 2, 1, 1)
-    return f.reshape(*lead, 2, nh, nw)
 
 
 def _resize_frames(frames: torch.Tensor, size) -> torch.Tensor:
