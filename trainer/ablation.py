@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .cli import error
-from .config import ConfigError, load_config
+from .config import ConfigError, check_environment, check_run_dir, load_config
 from .utils import read_jsonl
 
 SCHEMES = {
@@ -142,11 +142,12 @@ def main(args) -> int:
         return error("--ablation runs its own stages; drop --stage")
     if args.run_dir:
         sets.append(f"run_dir={args.run_dir}")
-    try:
-        cfg = load_config(config, sets, args.preset)
-        tasks = plan(args.schemes, int(cfg["seed"]), args.seeds, args.seeded)
-    except ConfigError as exc:
-        return error(str(exc))
+    cfg = load_config(config, sets, args.preset)  # a ConfigError is reported by trainer.cli.main
+    tasks = plan(args.schemes, int(cfg["seed"]), args.seeds, args.seeded)
+    check_environment(cfg, run_dir=False)
+    check_run_dir(cfg["run_dir"])
+    if not cfg["teacher"]["train"] and cfg["teacher"]["weights"] is None:
+        raise ConfigError("teacher.train=false needs teacher.weights")
     run_dir = Path(cfg["run_dir"]).resolve()
     if run_dir.exists() and not args.resume and any(run_dir.iterdir()) and not cfg["overwrite"]:
         return error(f"{run_dir} is not empty: pass --resume to keep its finished runs, or --set overwrite=true")

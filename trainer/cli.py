@@ -4,20 +4,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_config, resolve_stages
-from .engine import Stopped, Trainer, build_data, build_model, evaluate
-from .utils import Dist, atomic_write_text
+from .config import ConfigError, check_environment, load_config, resolve_stages, trained_stages
+from .engine import Stopped, Trainer, evaluate
+from .utils import Dist, atomic_write_text, remove_stale_temp_files
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def error(message: str) -> int:
-    """A user error: one line on stderr; returns exit code 2 (argparse's own convention)."""
-    print(f"train.py: error: {message}", file=sys.stderr)
+    """A user error: one line on stderr (no ANSI escapes, whatever the message quoted); returns
+    exit code 2 (argparse's own convention)."""
+    line = " ".join(_ESCAPES.sub("", str(message)).split())
+    print(f"train.py: error: {line}", file=sys.stderr)
     return 2
 
 
@@ -66,63 +71,54 @@ def results_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def _stage_of(line):
-    try:
-        return json.loads(line).get("stage")
-    except json.JSONDecodeError:  # a line cut by a kill
-        return None
-
-
 def run(cfg, resume=False, out=print) -> int:
+    """The stages of ``cfg`` in its run folder. Every check that can fail on user input runs
+    before the folder is touched (config.validate at load, check_environment, the existing-run
+    rule, Trainer.preflight); finished checkpoints are replaced, never deleted first (see Trainer)."""
+    check_environment(cfg)
     torch.manual_seed(cfg["seed"])
     dist = Dist(cfg["device"])
-    if dist.device.type == "cpu":
-        # determinism of resume on CPU does not depend on the thread count, but keep it sane
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, dist.world)))
-    run_dir = Path(cfg["run_dir"])
-    stages = resolve_stages(cfg)
-    trained = [s for s in stages if s != "eval"]
-    # A fresh run replaces only what it retrains: `--stage eval` or `--stage student` reuse the
-    # earlier stages' checkpoints in the same folder.
-    old = [] if resume else [p for s in trained for p in (run_dir / "checkpoints").glob(f"{s}_*.pt")]
-    if old and not cfg["overwrite"]:
-        dist.close()
-        raise ConfigError(f"{run_dir} already holds {', '.join(sorted({p.name.split('_')[0] for p in old}))} "
-                          f"checkpoints: pass --resume to continue, --set overwrite=true to start over, "
-                          f"or choose another run_dir")
-    dist.barrier()
-    if dist.is_main and old:
-        for p in old:
-            p.unlink(missing_ok=True)
-        log = run_dir / "log.jsonl"
-        if log.is_file():
-            keep = [ln for ln in log.read_text().splitlines() if _stage_of(ln) not in trained]
-            atomic_write_text(log, "".join(ln + "\n" for ln in keep))
-    dist.barrier()
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2))
-    tr = Trainer(cfg, dist, run_dir, resume, out)
-    t0 = time.time()
+    tr = None
     try:
-        for stage in stages:
-            if stage == "teacher" and not cfg["teacher"]["train"]:
-                continue
-            if stage in ("teacher", "baseline", "student"):
-                tr.train_stage(stage)
+        if dist.device.type == "cpu":
+            # determinism of resume on CPU does not depend on the thread count, but keep it sane
+            torch.set_num_threads(max(1, torch.get_num_threads() // max(1, dist.world)))
+        run_dir = Path(cfg["run_dir"])
+        stages = resolve_stages(cfg)
+        trained = trained_stages(cfg)
+        # A fresh run replaces only what it retrains: `--stage eval` or `--stage student` reuse the
+        # earlier stages' checkpoints in the same folder.
+        old = [] if resume else [p for s in trained for p in (run_dir / "checkpoints").glob(f"{s}_*.pt")]
+        if old and not cfg["overwrite"]:
+            raise ConfigError(f"{run_dir} already holds {', '.join(sorted({p.name.split('_')[0] for p in old}))} "
+                              f"checkpoints: pass --resume to continue, --set overwrite=true to start over, "
+                              f"or choose another run_dir")
+        tr = Trainer(cfg, dist, run_dir, resume, out)
+        tr.preflight(stages)
+        # -- from here on the run folder is written ------------------------------
+        dist.barrier()
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (run_dir, run_dir / "checkpoints"):
+                remove_stale_temp_files(folder)  # left by a killed save
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2))
+        dist.barrier()
+        tr.start()
+        t0 = time.time()
+        for stage in trained:
+            tr.train_stage(stage)
         if "eval" in stages:
-            val = build_data(cfg, "val")
             mpath = run_dir / "metrics.json"
             metrics = {}
             for name in ("teacher", "baseline", "student"):
                 model = tr.load_final(name)
-                if model is None and name == "teacher" and cfg["teacher"]["weights"] is not None:
-                    model = build_model(cfg, "teacher").to(dist.device)
                 if model is None:
                     continue
-                res = evaluate(cfg, model, dist, val)
+                res = evaluate(cfg, model, dist, tr.val_ds)
                 res["net"] = cfg["teacher" if name == "teacher" else "student"]["model"]
                 metrics[name] = res
+            if not metrics:
+                raise ConfigError(f"nothing to evaluate in {run_dir}: no checkpoints/<stage>_final.pt")
             if dist.is_main:
                 atomic_write_text(mpath, json.dumps(metrics, indent=2))
                 if cfg["plots"]:
@@ -138,13 +134,25 @@ def run(cfg, resume=False, out=print) -> int:
     except Stopped as s:
         out(str(s))
     finally:
-        if tr.tb is not None:
+        if tr is not None and tr.tb is not None:
             tr.tb.close()
         dist.close()
     return 0
 
 
 def main(argv=None) -> int:
+    """Entry point of train.py: 0; or 2 with one line on stderr for a user error (every
+    ConfigError raised in trainer/, and what the file system refuses: a read-only or full disk)."""
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        return error(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return error(f"{where}{exc.strerror or exc}")
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.stage == "predict":
         extra = [f for f, v in (("--config", args.config), ("--preset", args.preset), ("--set", args.sets),
@@ -167,8 +175,4 @@ def main(argv=None) -> int:
     if config is None:
         default = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
         config = default if default.is_file() else None
-    try:
-        cfg = load_config(config, sets, args.preset)
-        return run(cfg, resume=args.resume)
-    except ConfigError as exc:
-        return error(str(exc))
+    return run(load_config(config, sets, args.preset), resume=args.resume)

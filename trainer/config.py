@@ -7,13 +7,17 @@ Every key a YAML file or ``--set`` may use exists in ``DEFAULTS``; anything else
 from __future__ import annotations
 
 import copy
+import math
+import os
 from pathlib import Path
 
 import yaml
 
 
 class ConfigError(ValueError):
-    """A user error in the config or command line: reported as one line, exit code 2."""
+    """Every user error of train.py (config, command line, run folder, checkpoints, device): raised
+    anywhere in trainer/, caught once in ``trainer.cli.main`` and reported as one line on stderr,
+    exit code 2, no traceback."""
 
 
 # Loss terms of eq. 3. ce/aux are the supervised terms; the others are multiplied by lambda.
@@ -80,7 +84,7 @@ DEFAULTS = {
     },
     "loss": {
         "lambda": 0.1,                # eq. 3
-        "tl_on": "prob",              # temporal loss on probabilities (eq. 1) or logits (released code)
+        "tl_on": "prob",              # temporal loss on probabilities (eq. 1) or logit (the released code)
         "tl_mask_power": 1,
         "backend": "auto",
     },
@@ -171,9 +175,18 @@ def load_config(path=None, sets=(), preset=None) -> dict:
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p}" if not p.exists() else f"config {p} is not a file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                              f"{exc.start})") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse {p}: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
@@ -196,42 +209,362 @@ def resolve_stages(cfg) -> list:
     st = cfg["stages"]
     if st == "all":
         return ["teacher"] + (["baseline"] if cfg["run_baseline"] else []) + ["student", "eval"]
-    st = [st] if isinstance(st, str) else list(st)
+    st = [st] if isinstance(st, str) else st
+    if not isinstance(st, (list, tuple)) or not st:
+        raise ConfigError(f"stages must be all, one of {', '.join(STAGE_NAMES)} or a non-empty list of them, "
+                          f"got {cfg['stages']!r}")
     for s in st:
         if s not in STAGE_NAMES:
             raise ConfigError(f"unknown stage {s!r}; choose from all, {', '.join(STAGE_NAMES)}")
     return [s for s in STAGE_NAMES if s in st]  # always in dependency order
 
 
-def validate(cfg) -> None:
-    import models
+def trained_stages(cfg) -> list:
+    """The stages this config trains (a teacher with ``teacher.train: false`` is used as it is)."""
+    return [s for s in resolve_stages(cfg) if s != "eval" and not (s == "teacher" and not cfg["teacher"]["train"])]
+
+
+# ------------------------------------------------------------------ validation
+#
+# Every option is checked here, once, before train.py writes or deletes anything: a value of the
+# wrong type, out of range or not one of the choices is a ConfigError naming the key. Checkers
+# return the value normalised (a numeric string such as "1e-3", which YAML leaves a string, becomes
+# a float); validate() stores it back, so the trainer only ever sees checked values.
+
+def _show(v) -> str:
+    """repr of a bad value, cut to fit an error line."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _as_float(v):
+    """A finite float from a number or a numeric string, else None."""
+    try:
+        f = float(v) if isinstance(v, str) or _is_num(v) else None
+    except (ValueError, OverflowError):
+        return None
+    return f if f is not None and math.isfinite(f) else None
+
+
+def _as_int(v):
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    f = _as_float(v)
+    return int(f) if f is not None and f.is_integer() else None
+
+
+def _int(lo=None, hi=None, null=False):
+    what = "an int" + (f" >= {lo}" if lo is not None else "") + (f" <= {hi}" if hi is not None else "")
+    what += " or null" if null else ""
+
+    def check(key, v):
+        if v is None and null:
+            return None
+        i = _as_int(v)
+        if i is None or (lo is not None and i < lo) or (hi is not None and i > hi):
+            raise ConfigError(f"{key} must be {what}, got {_show(v)}")
+        return i
+    return check
+
+
+def _num(lo=None, hi=None, lo_open=False, hi_open=False, null=False):
+    if lo is not None and hi is not None:
+        what = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    else:
+        what = "a number" + (f" {'>' if lo_open else '>='} {lo}" if lo is not None else "")
+    what += " or null" if null else ""
+
+    def check(key, v):
+        if v is None and null:
+            return None
+        f = _as_float(v)
+        if (f is None or (lo is not None and (f <= lo if lo_open else f < lo))
+                or (hi is not None and (f >= hi if hi_open else f > hi))):
+            raise ConfigError(f"{key} must be {what}, got {_show(v)}")
+        return f
+    return check
+
+
+def _bool(key, v):
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key} must be true or false, got {_show(v)}")
+    return v
+
+
+def _choice(*options, aliases=None):
+    def check(key, v):
+        if isinstance(v, str):
+            v = (aliases or {}).get(v, v)
+        if isinstance(v, (str, bool)):
+            for o in options:  # == would let 1 pass for true
+                if type(o) is type(v) and o == v:
+                    return v
+        raise ConfigError(f"{key} must be one of {', '.join(str(o).lower() for o in options)}, got {_show(v)}")
+    return check
+
+
+def _text(null=False):
+    def check(key, v):
+        if v is None and null:
+            return None
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"{key} must be a non-empty string{' or null' if null else ''}, got {_show(v)}")
+        return v
+    return check
+
+
+def _file(key, v):
+    """A local file (weights are never downloaded), or null."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{key} must be the path of a local file or null, got {_show(v)}")
+    if not Path(v).is_file():
+        raise ConfigError(f"{key}: file not found: {v}")
+    return v
+
+
+def _size(null=True, pair_only=False):
+    """[h, w] of positive ints (or, unless ``pair_only``, an int n for n x n)."""
+    what = "a pair [h, w] of positive ints" if pair_only else "a positive int or a pair [h, w] of positive ints"
+    what += " or null" if null else ""
+
+    def check(key, v):
+        if v is None and null:
+            return None
+        if not pair_only and not isinstance(v, str) and _as_int(v) is not None and _as_int(v) >= 1:
+            return _as_int(v)
+        if (isinstance(v, (list, tuple)) and len(v) == 2 and not any(isinstance(x, str) for x in v)
+                and all(_as_int(x) is not None and _as_int(x) >= 1 for x in v)):
+            return [_as_int(x) for x in v]
+        raise ConfigError(f"{key} must be {what}, got {_show(v)}")
+    return check
+
+
+def _scale(key, v):
+    if (isinstance(v, (list, tuple)) and len(v) == 2 and all(_as_float(x) is not None for x in v)
+            and 0 < _as_float(v[0]) <= _as_float(v[1])):
+        return [_as_float(x) for x in v]
+    raise ConfigError(f"{key} must be a pair [min, max] of numbers with 0 < min <= max, got {_show(v)}")
+
+
+def _mapping(key, v):
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key} must be a mapping, got {_show(v)}")
+    return v
+
+
+def _stages(key, v):
+    resolve_stages({"stages": v, "run_baseline": False})
+    return v
+
+
+def _data_name(key, v):
     import videodata
-    resolve_stages(cfg)
-    for role in ("teacher", "student"):
-        name = cfg[role]["model"]
-        key = models.segmentation._ALIASES.get(str(name).lower(), str(name).lower())
-        if key not in models.SEGMENTATION_MODELS:
-            raise ConfigError(f"unknown {role}.model {name!r}; choose from {sorted(models.SEGMENTATION_MODELS)}")
-        for section, terms in (("losses", STUDENT_TERMS if role == "student" else TEACHER_TERMS),
-                               ("loss_weights", STUDENT_TERMS if role == "student" else TEACHER_TERMS)):
-            for t in terms:
-                if t not in cfg[role][section]:
-                    raise ConfigError(f"{role}.{section}.{t} missing")
+    if not isinstance(v, str) or v.lower() not in videodata.DATASETS:
+        raise ConfigError(f"unknown {key} {v!r}; choose from {sorted(videodata.DATASETS)}")
+    return v.lower()
+
+
+def _model(key, v):
+    import models
+    name = v.lower() if isinstance(v, str) else None
+    if name is None or models.segmentation._ALIASES.get(name, name) not in models.SEGMENTATION_MODELS:
+        raise ConfigError(f"unknown {key} {v!r}; choose from {sorted(models.SEGMENTATION_MODELS)}")
+    return v
+
+
+def _backend(key, v):
+    import tcloss
+    names = {b: None for op in tcloss.available_backends(verbose=True).values() for dev in op.values() for b in dev}
+    return _choice("auto", *names)(key, v)
+
+
+_POOL = _size(null=True)
+SCHEMA = {
+    "run_dir": _text(),
+    "seed": _int(0),
+    "device": _choice("auto", "cpu", "cuda"),
+    "stages": _stages,
+    "run_baseline": _bool,
+    "overwrite": _bool,
+    "data.name": _data_name,
+    "data.root": _text(null=True),
+    "data.seed": _int(0, null=True),
+    "data.num_classes": _int(2, 254),  # 255 is the ignore label
+    "data.train_split": _text(),
+    "data.val_split": _text(),
+    "data.max_distance": _int(1),
+    "data.size": _size(),
+    "data.crop_size": _size(),
+    "data.scale": _scale,
+    "data.hflip": _bool,
+    "data.augment": _bool,
+    "data.clip_length": _int(1, null=True),  # null: whole sequences
+    "data.val_max_clips": _int(1, null=True),
+    "data.flow": _choice("gt", "dis", "raft_small", "raft_large"),
+    "data.flow_weights": _file,
+    "data.num_workers": _int(0),
+    "data.train_options": _mapping,
+    "data.val_options": _mapping,
+    **{f"{role}.{key}": check for role in ("teacher", "student") for key, check in {
+        "model": _model,
+        "model_options": _mapping,
+        "weights": _file,
+        "pretrained_backbone": _file,
+        "iters": _int(1),
+        "epochs": _int(1, null=True),
+        "lr": _num(0, lo_open=True),
+    }.items()},
+    "teacher.train": _bool,
+    **{f"teacher.losses.{t}": _bool for t in TEACHER_TERMS},
+    **{f"teacher.loss_weights.{t}": _num(0) for t in TEACHER_TERMS},
+    **{f"student.losses.{t}": _bool for t in STUDENT_TERMS},
+    **{f"student.loss_weights.{t}": _num(0) for t in STUDENT_TERMS},
+    "student.forward_triplet": _choice("auto", "always"),
+    "student.kd_temperature": _num(0, lo_open=True),
+    "student.pa_pool": _POOL,
+    "student.pf_pool": _POOL,
+    "student.mf.hidden_channels": _int(1),
+    "student.mf.kernel_size": _int(1),
+    "student.mf.pool": _POOL,
+    "student.mf.clip": _num(0, lo_open=True, null=True),
+    "student.mf.regularizer": _choice("std", "released", "none"),
+    "student.mf.lr_mult": _num(0),
+    "loss.lambda": _num(0),
+    "loss.tl_on": _choice("prob", "logit", aliases={"logits": "logit"}),
+    "loss.tl_mask_power": _num(0),
+    "loss.backend": _backend,
+    "train.batch_size": _int(1),
+    "train.momentum": _num(0, 1, hi_open=True),
+    "train.weight_decay": _num(0),
+    "train.poly_power": _num(0),
+    "train.head_lr_mult": _num(0, lo_open=True),
+    "train.amp": _choice("none", "bf16", "fp16"),
+    "train.sync_bn": _bool,
+    "train.ckpt_every": _int(1),
+    "train.log_every": _int(1),
+    "train.max_iters_this_run": _int(1, null=True),
+    "train.progress": _bool,
+    "train.tensorboard": _choice("auto", True, False),
+    "train.rank_checkpoints": _bool,
+    "eval.batch_size": _int(1),
+    "eval.fps_iters": _int(1),
+    "eval.fps_size": _size(pair_only=True),
+    "plots": _bool,
+}
+
+
+def _leaves(d: dict, where: str = ""):
+    """Dotted keys of the config's values (free-form mappings are one value)."""
+    for k, v in d.items():
+        key = f"{where}{k}"
+        if isinstance(v, dict) and tuple(key.split(".")) not in FREE_FORM:
+            yield from _leaves(v, key + ".")
+        else:
+            yield key
+
+
+def validate(cfg) -> None:
+    """Check every option of a merged config (types, ranges, choices, local files) and the
+    combinations that cannot run; normalises values in place. Reads no more than file names:
+    what depends on this machine (the device, kernels, the run folder) is check_environment's."""
+    for key in _leaves(DEFAULTS):
+        if key not in SCHEMA:  # a new option needs its check here
+            raise AssertionError(f"config key {key!r} has no check in trainer/config.py SCHEMA")
+        *parents, last = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[last] = SCHEMA[key](key, node[last])
     d = cfg["data"]
-    if str(d["name"]).lower() not in videodata.DATASETS:
-        raise ConfigError(f"unknown data.name {d['name']!r}; choose from {sorted(videodata.DATASETS)}")
     if d["name"] != "synthetic":
         if not d["root"]:
             raise ConfigError(f"data.root is required for data set {d['name']!r}")
         if not Path(d["root"]).is_dir():
             raise ConfigError(f"data root not found: {d['root']}")
-    if cfg["train"]["amp"] not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be none, bf16 or fp16, got {cfg['train']['amp']!r}")
-    if cfg["student"]["forward_triplet"] not in ("auto", "always"):
-        raise ConfigError(f"student.forward_triplet must be auto or always, got {cfg['student']['forward_triplet']!r}")
-    if cfg["data"]["seed"] is not None and not isinstance(cfg["data"]["seed"], int):
-        raise ConfigError(f"data.seed must be an int or null, got {cfg['data']['seed']!r}")
-    if cfg["device"] not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {cfg['device']!r}")
-    if not isinstance(cfg["train"]["batch_size"], int) or cfg["train"]["batch_size"] < 1:
-        raise ConfigError("train.batch_size must be a positive int")
+        if d["flow"] == "gt":
+            raise ConfigError(f"data.flow=gt needs ground-truth flow, which only the synthetic data has; "
+                              f"use data.flow=dis (or raft_small / raft_large)")
+    if cfg["student"]["mf"]["kernel_size"] % 2 == 0:
+        raise ConfigError(f"student.mf.kernel_size must be odd, got {cfg['student']['mf']['kernel_size']}")
+    stages = resolve_stages(cfg)
+    trained = trained_stages(cfg)
+    if "teacher" in stages and not cfg["teacher"]["train"] and cfg["teacher"]["weights"] is None:
+        raise ConfigError("teacher.train=false uses teacher.weights as the teacher: set teacher.weights")
+    for stage in trained:
+        sec = cfg["teacher" if stage == "teacher" else "student"]
+        terms = ("ce", "aux") if stage == "baseline" else sec["losses"]
+        if not any(sec["losses"][t] for t in terms):
+            raise ConfigError(f"{stage} stage: every loss term is switched off")
+    if "student" in trained and cfg["student"]["losses"]["mf"]:
+        import tcloss
+        m = cfg["student"]["mf"]
+        try:
+            tcloss.nn.MultiFrameDistillation(m["hidden_channels"], m["kernel_size"], pool=m["pool"], clip=m["clip"],
+                                             regularizer=m["regularizer"], backend=cfg["loss"]["backend"])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"student.mf: {exc}") from None
+
+
+# Terms of eq. 3 -> the tcloss ops that run them (their kernels are picked by loss.backend).
+_TERM_OPS = {"tl": ("temporal_loss",), "pa": ("pairwise_similarity_loss",), "pf": ("pairwise_similarity_loss",),
+             "mf": ("convlstm_cell",)}
+
+
+def check_environment(cfg, run_dir: bool = True) -> None:
+    """What a valid config needs from this machine, checked before anything is written: the
+    device, the kernels of ``loss.backend`` on it, and (``run_dir``) a run folder that is a
+    writable folder, or can be created as one."""
+    import torch
+
+    import tcloss
+
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is available here (use device=cpu or device=auto)")
+    dev = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
+    backend, key = cfg["loss"]["backend"], "loss.backend"
+    if backend == "auto" and os.environ.get("TCLOSS_BACKEND", "auto") not in ("", "auto"):
+        key = "TCLOSS_BACKEND"  # the environment variable: tcloss's override of auto
+        backend = _backend(key, os.environ["TCLOSS_BACKEND"])
+    if backend != "auto":
+        ops = {op for stage in trained_stages(cfg)
+               for t, on in cfg["teacher" if stage == "teacher" else "student"]["losses"].items()
+               if on and stage != "baseline" for op in _TERM_OPS.get(t, ())}
+        status = tcloss.available_backends(verbose=True)
+        for op in sorted(ops):
+            why = status.get(op, {}).get(dev, {}).get(backend, "unknown op")
+            if why != "ok":
+                raise ConfigError(f"{key}={backend} cannot run {op} on {dev}: {why}")
+    if run_dir:
+        check_run_dir(cfg["run_dir"])
+
+
+def check_run_dir(run_dir) -> None:
+    """The run folder (and its checkpoints/) must be folders, or creatable, and writable: a file in
+    the way or a read-only file system is a ConfigError now rather than a failed save later."""
+    import tempfile
+
+    p = Path(run_dir)
+    existing = next(q for q in (p, *p.parents) if q.exists() or q == q.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"run_dir {p}: {existing} is a file, not a folder")
+    if (p / "checkpoints").exists() and not (p / "checkpoints").is_dir():
+        raise ConfigError(f"run_dir {p}: {p / 'checkpoints'} is a file, not a folder")
+    if (p / "log.jsonl").is_dir():
+        raise ConfigError(f"run_dir {p}: {p / 'log.jsonl'} is a folder, not a file")
+    for q in (existing, p / "checkpoints"):
+        if not q.is_dir():
+            continue
+        try:  # a real write: os.access says yes to root on a read-only mount
+            fd, probe = tempfile.mkstemp(prefix=".write_test", dir=q)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"run_dir {p} is not writable ({q}: {exc.strerror})") from None

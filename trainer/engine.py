@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
+import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,9 +18,9 @@ import models
 import tcloss
 import videodata
 
-from .config import ConfigError
+from .config import ConfigError, trained_stages
 from .losses import compute_losses, effective_weights
-from .utils import JsonlLog, atomic_save, rng_states, seed_for, set_rng_states
+from .utils import JsonlLog, atomic_save, atomic_write_text, rng_states, seed_for, set_rng_states
 
 STAGE_ID = {"teacher": 1, "baseline": 2, "student": 3}
 
@@ -46,30 +49,31 @@ def build_data(cfg, split: str):
         opts.update(seed=base + (0 if train else 10_000), num_classes=d["num_classes"])
     else:
         opts.update(root=d["root"], split=d["train_split"] if train else d["val_split"])
-        if d["flow"] == "gt":
-            raise ConfigError(f"data.flow=gt needs ground-truth flow, which only the synthetic data has; "
-                              f"use data.flow=dis (or raft_small / raft_large)")
-        opts["flow_estimator"] = _flow_estimator(cfg)
     if d["size"] is not None:
         opts["size"] = d["size"]
-    if train:
-        opts["max_distance"] = d["max_distance"]
-        if d["augment"]:
-            crop = d["crop_size"] or d["size"] or d["train_options"].get("size")
-            if crop is None and tuple(d["scale"]) != (1.0, 1.0):
-                raise ConfigError("data.crop_size is required with random scaling (batches need one size)")
-            opts["augment"] = videodata.TripletAugment(scale=d["scale"], crop_size=crop, hflip=d["hflip"])
-        opts.update(d["train_options"])
-    else:
-        opts["clip_length"] = d["clip_length"]
-        opts["sample_seed"] = cfg["seed"]
-        opts.update(d["val_options"])
     try:
+        if d["name"] != "synthetic":
+            opts["flow_estimator"] = _flow_estimator(cfg)
+        if train:
+            opts["max_distance"] = d["max_distance"]
+            if d["augment"]:
+                crop = d["crop_size"] or d["size"] or d["train_options"].get("size")
+                if crop is None and tuple(d["scale"]) != (1.0, 1.0):
+                    raise ConfigError("data.crop_size is required with random scaling (batches need one size)")
+                opts["augment"] = videodata.TripletAugment(scale=d["scale"], crop_size=crop, hflip=d["hflip"])
+            opts.update(d["train_options"])
+        else:
+            opts["clip_length"] = d["clip_length"]
+            opts["sample_seed"] = cfg["seed"]
+            opts.update(d["val_options"])
         ds = videodata.build_dataset(d["name"], **opts)
     except (FileNotFoundError, TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot build the {split} data set: {exc}") from None
+        raise ConfigError(f"cannot build the {split} data set: {_one_line(exc)}") from None
     if getattr(ds, "num_classes", d["num_classes"]) != d["num_classes"]:
         raise ConfigError(f"data.num_classes={d['num_classes']} but the {d['name']} data set has {ds.num_classes}")
+    if len(ds) == 0:
+        raise ConfigError(f"the {split} data set is empty ({d['name']}, split "
+                          f"{d['train_split'] if train else d['val_split']})")
     return ds
 
 
@@ -123,15 +127,72 @@ def iters_for(section, n_items, global_batch) -> int:
 
 # ------------------------------------------------------------------ models
 
-def build_model(cfg, role: str, weights=None):
+def build_model(cfg, role: str, weights=None, *, meta: bool = False):
+    """The network of a role (teacher / baseline / student) with its configured weights.
+    ``meta``: on the meta device, no memory and no init, to check the options and the weight
+    files (read and matched, not copied) or to get the parameter shapes."""
     sec = cfg[role if role != "baseline" else "student"]
     try:
-        return models.build_segmentation_model(sec["model"], cfg["data"]["num_classes"],
-                                               weights=weights if weights is not None else sec["weights"],
-                                               pretrained_backbone=sec["pretrained_backbone"],
-                                               **sec["model_options"])
+        with (torch.device("meta") if meta else contextlib.nullcontext()), warnings.catch_warnings():
+            if meta:  # "copying ... to a meta parameter is a no-op": that is the point here
+                warnings.simplefilter("ignore")
+            return models.build_segmentation_model(sec["model"], cfg["data"]["num_classes"],
+                                                   weights=weights if weights is not None else sec["weights"],
+                                                   pretrained_backbone=sec["pretrained_backbone"],
+                                                   **sec["model_options"])
     except (FileNotFoundError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot build the {role} model: {exc}") from None
+        which = "teacher" if role == "teacher" else "student"
+        raise ConfigError(f"cannot build the {role} network ({which}.model={sec['model']}): {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first sentence of an exception's first line (torch's messages go on for paragraphs)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text.split(". ")[0].rstrip(".")
+
+
+def read_checkpoint(path: Path, kind: str, mmap: bool = False) -> dict:
+    """A ``<stage>_<kind>.pt`` of a run folder (kind: last | final), or a ConfigError saying why
+    not: empty or truncated (a killed copy), not a torch file, not a train.py checkpoint."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    if size == 0:
+        raise ConfigError(f"checkpoint {path} is empty (0 bytes); delete it to train that stage again")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)  # this run folder's own files
+    except Exception as exc:  # noqa: BLE001 - truncated, not a zip, pickled from elsewhere ...
+        raise ConfigError(f"checkpoint {path} is truncated or not a PyTorch file ({_one_line(exc)}); "
+                          f"delete it to train that stage again") from None
+    need = ("model", "iteration", "optimizer", "rng") if kind == "last" else ("model",)
+    if not isinstance(st, dict) or not all(k in st for k in need) or not isinstance(st["model"], dict):
+        raise ConfigError(f"{path} is not a <stage>_{kind}.pt checkpoint of train.py")
+    return st
+
+
+def check_fits(cfg, role: str, state: dict, path: Path) -> None:
+    """The weights of a checkpoint must fit the network this config builds (another model's or
+    another class count's checkpoint is a ConfigError, not a load_state_dict traceback)."""
+    sec = "teacher" if role == "teacher" else "student"
+    bare = {**cfg, sec: {**cfg[sec], "weights": None, "pretrained_backbone": None}}
+    expected = build_model(bare, role, meta=True).state_dict()
+    shape = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    wrong = [k for k in expected if k in shape and shape[k] != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in shape]
+    extra = [k for k in shape if k not in expected]
+    problems = []
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} tensors of another shape, e.g. {k} {shape[k]} vs {tuple(expected[k].shape)}")
+    if missing:
+        problems.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    if problems:
+        raise ConfigError(f"checkpoint {path} does not fit the {role} network of this config ({cfg[sec]['model']}, "
+                          f"{cfg['data']['num_classes']} classes): {'; '.join(problems)}")
 
 
 def param_groups(model, lr, head_mult):
@@ -159,7 +220,28 @@ def _autocast(cfg, device):
 
 # ------------------------------------------------------------------ training
 
+def _load_weights(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # preflight checked it; the file changed since
+        raise ConfigError(f"checkpoint {path} does not fit the network of this config ({_one_line(exc)})") from None
+
+
+def _distills(cfg) -> bool:
+    """Whether the student stage needs the frozen teacher."""
+    return any(cfg["student"]["losses"][k] for k in ("kd", "pa", "pf", "mf"))
+
+
 class Trainer:
+    """The stages of one run folder. Nothing is written before :meth:`start`; :meth:`preflight`
+    checks (reading only) everything the stages will need.
+
+    A finished checkpoint is never deleted before its replacement exists: a fresh run of a stage
+    writes ``<stage>_last.pt`` beside the old ``<stage>_final.pt``, whose ``os.replace`` by the new
+    final is the switch; only then are the stage's other old files and its old log.jsonl lines
+    dropped. Every checkpoint and log record carries the id of the training run that wrote it,
+    which tells a resumable ``last`` from the ``last`` of the finished final beside it."""
+
     def __init__(self, cfg, dist, run_dir: Path, resume: bool, out=print):
         self.cfg, self.dist, self.run_dir, self.resume = cfg, dist, Path(run_dir), resume
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -167,6 +249,29 @@ class Trainer:
         self.out = out if dist.is_main else (lambda *a, **k: None)
         self.iters_this_run = 0
         self.tb = None
+        self._train_ds = None
+        self._val_ds = None
+        # The run: an id written into every checkpoint and log record, and the stages it retrains
+        # (checkpoints/run.json, written by a fresh run; --resume continues that run).
+        self.plan_path = self.ckpt_dir / "run.json"
+        plan = self._read_plan() if resume else None
+        self.run_id = plan["run"] if plan else uuid.uuid4().hex[:12]
+        self.redo = set(plan["stages"]) if plan else (set() if resume else set(trained_stages(cfg)))
+
+    def _read_plan(self):
+        try:
+            plan = json.loads(self.plan_path.read_text())
+        except (OSError, ValueError):  # none (a run folder of an older train.py), or cut
+            return None
+        ok = isinstance(plan, dict) and isinstance(plan.get("run"), str) and isinstance(plan.get("stages"), list)
+        return plan if ok else None
+
+    def start(self):
+        """Side effects of a run that passed preflight: the run's plan (a fresh run), TensorBoard,
+        warnings."""
+        cfg, dist = self.cfg, self.dist
+        if dist.is_main and not self.resume and self.redo:  # (an eval-only run keeps a killed run's plan)
+            atomic_write_text(self.plan_path, json.dumps({"run": self.run_id, "stages": sorted(self.redo)}) + "\n")
         tb = cfg["train"]["tensorboard"]
         if dist.is_main and tb in ("auto", True):
             try:
@@ -177,7 +282,6 @@ class Trainer:
                     self.out("warning: tensorboard requested but not installed")
         if cfg["train"]["amp"] == "fp16" and dist.device.type != "cuda":
             self.out("warning: train.amp=fp16 needs CUDA; running in float32")
-        self._train_ds = None
 
     @property
     def train_ds(self):
@@ -185,24 +289,83 @@ class Trainer:
             self._train_ds = build_data(self.cfg, "train")
         return self._train_ds
 
+    @property
+    def val_ds(self):
+        if self._val_ds is None:
+            self._val_ds = build_data(self.cfg, "val")
+        return self._val_ds
+
     def ckpt(self, stage, kind):
         return self.ckpt_dir / f"{stage}_{kind}.pt"
 
-    def load_final(self, stage):
-        p = self.ckpt(stage, "final")
-        if not p.is_file():
+    # -- what the stages read ------------------------------------------------
+    def source(self, name):
+        """Where the weights of a finished model come from: ("final", path of its <name>_final.pt),
+        ("weights", teacher.weights) for a teacher used as given, or None."""
+        t = self.cfg["teacher"]
+        if name == "teacher" and not t["train"] and t["weights"] is not None:
+            return "weights", t["weights"]  # teacher.train=false: the given weights are the teacher
+        final = self.ckpt(name, "final")
+        if final.is_file():
+            return "final", final
+        if name == "teacher" and t["weights"] is not None:
+            return "weights", t["weights"]
+        return None
+
+    def preflight(self, stages):
+        """Everything the stages will read, checked before anything is written: the data sets,
+        the networks' options and weight files, and the checkpoints to resume from, distil from
+        or evaluate (readable, and of the network this config builds). Raises ConfigError."""
+        cfg = self.cfg
+        trained = trained_stages(cfg)
+        for stage in trained:
+            build_model(cfg, stage, meta=True)
+            if self.resume:
+                for kind in ("last", "final"):
+                    p = self.ckpt(stage, kind)
+                    if p.is_file():
+                        check_fits(cfg, stage, read_checkpoint(p, kind, mmap=True)["model"], p)
+        if trained:
+            self.train_ds
+        if "student" in trained and _distills(cfg) and "teacher" not in trained:
+            if self.source("teacher") is None:
+                raise ConfigError("the student stage needs a teacher: run the teacher stage first "
+                                  "(stages=all or teacher) or set teacher.weights")
+        needed = [n for n in ("teacher", "baseline", "student") if n not in trained and (
+            "eval" in stages or (n == "teacher" and "student" in trained and _distills(cfg)))]
+        found = [n for n in needed if self._check_source(n)]
+        if "eval" in stages:
+            self.val_ds
+            if not trained and not found:
+                raise ConfigError(f"nothing to evaluate in {self.run_dir}: no checkpoints/<stage>_final.pt "
+                                  f"(train first, e.g. --stage all, or point run_dir at a finished run)")
+
+    def _check_source(self, name) -> bool:
+        src = self.source(name)
+        if src is None:
+            return False
+        if src[0] == "final":
+            check_fits(self.cfg, name, read_checkpoint(src[1], "final", mmap=True)["model"], src[1])
+        else:
+            build_model(self.cfg, name, meta=True)  # reads and matches teacher.weights
+        return True
+
+    def load_final(self, name):
+        """The finished model of a stage on the device (see :meth:`source`), or None."""
+        src = self.source(name)
+        if src is None:
             return None
-        model = build_model(self.cfg, stage)
-        model.load_state_dict(torch.load(p, map_location="cpu", weights_only=False)["model"])
+        if src[0] == "weights":
+            return build_model(self.cfg, name).to(self.dist.device)
+        model = build_model(self.cfg, name)
+        _load_weights(model, read_checkpoint(src[1], "final")["model"], src[1])
         return model.to(self.dist.device)
 
     def teacher_model(self):
         model = self.load_final("teacher")
         if model is None:
-            if self.cfg["teacher"]["weights"] is None:
-                raise ConfigError("the student stage needs a teacher: run the teacher stage first "
-                                  "(stages=all or teacher) or set teacher.weights")
-            model = build_model(self.cfg, "teacher").to(self.dist.device)
+            raise ConfigError("the student stage needs a teacher: run the teacher stage first "
+                              "(stages=all or teacher) or set teacher.weights")
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -220,12 +383,21 @@ class Trainer:
                        if cfg["student"]["losses"][k]}
         else:
             weights = effective_weights(cfg["student"], cfg["loss"]["lambda"])
-        if not weights:
-            raise ConfigError(f"{stage} stage: every loss term is switched off")
-        final = self.ckpt(stage, "final")
-        if self.resume and final.is_file():
+        final, last = self.ckpt(stage, "final"), self.ckpt(stage, "last")
+        resumed = read_checkpoint(last, "last") if self.resume and last.is_file() else None
+        done_run = read_checkpoint(final, "final", mmap=True).get("run", "") if self.resume and final.is_file() else None
+        if stage in self.redo:
+            # retrained by the fresh run that --resume continues: done only when its own final exists
+            if done_run == self.run_id:
+                self.out(f"[{stage}] already finished ({final}); skipping")
+                return
+            if resumed is not None and resumed.get("run") != self.run_id:
+                resumed = None  # the `last` of an earlier run: start this stage over
+        elif done_run is not None and (resumed is None or resumed.get("run", "") == done_run):
             self.out(f"[{stage}] already finished ({final}); skipping")
             return
+        # else: `last` is a later run of this stage, killed before replacing its final: continue it
+        run_id = (resumed or {}).get("run") or self.run_id  # the id this stage's records are written with
         teacher = self.teacher_model() if stage == "student" and any(
             k in weights for k in ("kd", "pa", "pf", "mf")) else None
 
@@ -253,10 +425,9 @@ class Trainer:
         scaler = torch.amp.GradScaler(dev.type, enabled=tcfg["amp"] == "fp16" and dev.type == "cuda")
 
         start = 0
-        last = self.ckpt(stage, "last")
-        if self.resume and last.is_file():
-            st = torch.load(last, map_location="cpu", weights_only=False)
-            model.load_state_dict(st["model"])
+        if resumed is not None:
+            st = resumed
+            _load_weights(model, st["model"], last)
             opt.load_state_dict(st["optimizer"])
             if mf is not None and st.get("mf") is not None:
                 mf.load_state_dict(st["mf"])
@@ -295,7 +466,7 @@ class Trainer:
         def state():
             return {"stage": stage, "iteration": it, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "mf": None if mf is None else mf.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng_states(), "config": cfg}
+                    "rng": rng_states(), "config": cfg, "run": run_id}
 
         vals = {}
         t0 = time.time()
@@ -337,13 +508,16 @@ class Trainer:
             vals = {k: float(v.detach()) for k, v in terms.items()}
             vals["total"] = float(total.detach())
             if not math.isfinite(vals["total"]):
-                raise FloatingPointError(f"[{stage}] non-finite loss at iteration {it}: {vals}")
+                bad = ", ".join(f"{k} {v}" for k, v in vals.items() if not math.isfinite(v))
+                raise ConfigError(f"[{stage}] non-finite loss at iteration {it} ({bad}): lower "
+                                  f"{'teacher' if stage == 'teacher' else 'student'}.lr or the loss weights "
+                                  f"(finished checkpoints of earlier runs are kept)")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()}, refresh=False)
             if it % tcfg["log_every"] == 0 or it == total_iters:
                 rec = {"stage": stage, "iter": it, "lr": opt.param_groups[0]["lr"], **vals,
-                       "time": round(time.time() - t0, 3)}
+                       "time": round(time.time() - t0, 3), "run": run_id}
                 self.log.write(rec)
                 if self.tb is not None:
                     for k, v in vals.items():
@@ -366,16 +540,43 @@ class Trainer:
                 torch.distributed.broadcast(b, 0)
         if dist.is_main:
             atomic_save(state(), last)
-            atomic_save({"stage": stage, "iteration": it, "model": model.state_dict(), "config": cfg}, final)
-        if tcfg["rank_checkpoints"] and dist.enabled:
+            atomic_save({"stage": stage, "iteration": it, "model": model.state_dict(), "config": cfg, "run": run_id},
+                        final)  # the switch: the old final (if any) is replaced only now
+        ranks = tcfg["rank_checkpoints"] and dist.enabled
+        if ranks:
             atomic_save({"model": model.state_dict(), "mf": None if mf is None else mf.state_dict()},
                         self.ckpt(stage, f"final_rank{dist.rank}"))
         dist.barrier()
+        if dist.is_main:
+            keep = {last.name, final.name} | ({f"{stage}_final_rank{r}.pt" for r in range(dist.world)} if ranks else set())
+            self._drop_replaced(stage, run_id, keep, legacy_log=resumed is not None and "run" not in resumed)
         self.out(f"[{stage}] done: {total_iters} iterations, " +
                  ", ".join(f"{k} {v:.4f}" for k, v in vals.items()) + f" ({time.time() - t0:.1f} s)")
         stop = tcfg["max_iters_this_run"] is not None and self.iters_this_run >= tcfg["max_iters_this_run"]
         if stop:
             raise Stopped(f"[{stage}] finished; stopped (max_iters_this_run); continue with --resume")
+
+
+    def _drop_replaced(self, stage, run_id, keep, legacy_log):
+        """After a stage's new final exists: drop the stage's files of earlier runs (old per-rank
+        finals) and its log.jsonl records of other runs (``legacy_log``: records without a run id
+        are this run's, resumed from a checkpoint written before run ids existed)."""
+        for p in self.ckpt_dir.glob(f"{stage}_*.pt"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+        path = self.log.path
+        if not path.is_file():
+            return
+        lines = []
+        for ln in path.read_text().splitlines():
+            try:
+                r = json.loads(ln)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            mine = r.get("run") == run_id or (legacy_log and "run" not in r)
+            if r.get("stage") != stage or mine:
+                lines.append(ln)
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 # ------------------------------------------------------------------ evaluation

@@ -21,7 +21,7 @@ def loss_curves(log_path: Path, out: Path) -> Path:
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.6), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         rs = [r for r in recs if r["stage"] == stage]
-        keys = [k for k in rs[-1] if k not in ("stage", "iter", "lr", "time")]
+        keys = [k for k in rs[-1] if k not in ("stage", "iter", "lr", "time", "run")]
         for k in keys:
             pts = [(r["iter"], r[k]) for r in rs if k in r and r[k] > 0]
             if pts:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import pickle
 import statistics
 import sys
 import time
@@ -92,10 +93,21 @@ def load_trained(path: Path):
     checkpoint dict). The network is rebuilt from the config stored in the checkpoint, reading
     nothing else from disk; any problem is a one-line ``ConfigError`` naming the file."""
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise ConfigError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, pickled from unknown code ...
-        raise ConfigError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    except pickle.UnpicklingError:  # the weights-only unpickler met other objects
+        final = path.with_name(path.name[:-len("_last.pt")] + "_final.pt") if path.name.endswith("_last.pt") else None
+        if final is not None:
+            raise ConfigError(f"{path} is a resume checkpoint of train.py (optimizer and RNG state); --stage predict "
+                              f"takes the weights of a finished stage: {final}"
+                              + ("" if final.is_file() else " (not written yet: finish the run with --resume)")) from None
+        raise ConfigError(f"cannot read checkpoint {path}: it holds objects other than tensors and plain data "
+                          f"(not a <stage>_final.pt of train.py)") from None
+    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated ...
+        raise ConfigError(f"cannot read checkpoint {path} (truncated or not a PyTorch file): "
+                          f"{_first_line(exc).split('. ')[0]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ConfigError(f"{path} is not a <stage>_final.pt checkpoint of train.py (no 'model' and 'config' keys)")
     stage = str(ckpt.get("stage") or path.stem.split("_")[0])
@@ -372,5 +384,5 @@ def main(args) -> int:
     """Entry point of ``train.py --stage predict``: 0, or 2 with a one-line error on stderr."""
     try:
         return run(args)
-    except ConfigError as exc:
+    except ConfigError as exc:  # also caught by trainer.cli.main; here for callers of this main
         return error(str(exc))

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,11 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
         if use_cuda and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but CUDA is not available")
+            from .config import ConfigError
+            raise ConfigError("device=cuda but no CUDA GPU is available here (use device=cpu or device=auto)")
+        if use_cuda and self.local_rank >= torch.cuda.device_count():
+            from .config import ConfigError
+            raise ConfigError(f"LOCAL_RANK {self.local_rank} but only {torch.cuda.device_count()} CUDA GPU(s) here")
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
@@ -74,21 +79,61 @@ def set_rng_states(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: a kill mid-write never
-    leaves a truncated checkpoint under the real name."""
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")  # .<name>.tmp<pid>: atomic_save's temp files
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(file) into a temp file beside ``path`` (flushed to disk), then os.replace: a kill
+    mid-write never leaves a truncated file under the real name, and a failed write (full disk)
+    removes its temp file. A kill can leave the temp file: remove_stale_temp_files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save, atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> list:
+    """Remove the temp files of atomic writes killed mid-way (``.<name>.tmp<pid>`` whose process
+    is gone: empty or partial); a live process's (another DDP rank's) are left alone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TMP.match(p.name)
+        if m and p.is_file() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 class JsonlLog:
