@@ -4,18 +4,26 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/amax.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ge.h>
+#include <ATen/ops/frexp.h>
+#include <ATen/ops/gt.h>
+#include <ATen/ops/ldexp.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/maximum.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/neg.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <tuple>
 #include <utility>
 
@@ -23,39 +31,61 @@
 
 namespace tcloss {
 
+
+inline at::ScalarType pw_acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Per row of xt (B,N,C), the power of two 2^-e that brings max |x| into [0.5, 1) (e the frexp
+// exponent, clamped so that 2^-e stays a normal number: at most 2^126 in float32), (B,N,1).
+// Zero, infinite and NaN rows get 1. As tcloss.reference.pow2_scale.
+inline at::Tensor pw_pow2_scale(const at::Tensor& xt) {
+  at::Tensor m = at::amax(at::abs(xt), at::IntArrayRef{2}, /*keepdim=*/true);
+  at::Tensor e = std::get<1>(at::frexp(m));
+  const int64_t emin = xt.scalar_type() == at::kDouble ? -1022 : -126;
+  return at::ldexp(at::ones_like(m), at::neg(at::clamp_min(e, emin)));
+}
+
+// (B,C,N) -> unit rows (B,N,C) contiguous in acc, with the norms ns (B,N,1) of the rows scaled
+// by the power of two s = pw_pow2_scale (kept for backward): |x| = ns / s is never formed, so
+// large finite features (1e20, 3e38: a float32 sum of squares of inf) keep their direction,
+// and for ordinary ones xs / max(ns, eps s) has the bits of x / max(|x|, eps).
+struct PWUnit {
+  at::Tensor xh, ns, s;
+};
+
+inline PWUnit pw_normalize(const at::Tensor& x, double eps, at::ScalarType acc) {
+  at::Tensor xt = x.to(acc).transpose(1, 2);
+  at::Tensor s = pw_pow2_scale(xt);
+  at::Tensor xs = at::mul(xt, s);
+  at::Tensor ns = at::linalg_vector_norm(xs, 2, at::IntArrayRef{2}, /*keepdim=*/true, c10::nullopt);
+  return {at::div(xs, at::maximum(ns, at::mul(s, eps))).contiguous(), ns, s};
+}
+
+// d/dx of x / max(|x|, eps) from g = d/d(unit row): (g - xh <xh,g>)/|x| where |x| > eps (as
+// autograd through the reference's clamp: a tie counts as clamped), g/eps below; g / max(|x|,eps)
+// with detach_norm. Every 1/|x| is applied as (. / max(ns, eps s)) * s. -> (B,C,N).
+inline at::Tensor pw_norm_backward(const at::Tensor& g, const PWUnit& u, double eps, bool detach_norm,
+                                   at::ScalarType dtype) {
+  at::Tensor floor = at::mul(u.s, eps);
+  at::Tensor nc = at::maximum(u.ns, floor);
+  at::Tensor dx;
+  if (detach_norm) {
+    dx = at::mul(at::div(g, nc), u.s);
+  } else {
+    at::Tensor dot = at::sum(at::mul(u.xh, g), at::IntArrayRef{2}, /*keepdim=*/true);
+    at::Tensor full = at::mul(at::div(at::sub(g, at::mul(u.xh, dot)), nc), u.s);
+    dx = at::where(at::gt(u.ns, floor), full, at::mul(at::div(g, nc), u.s));
+  }
+  return dx.transpose(1, 2).to(dtype).contiguous();
+}
+
 struct PWTensors {
   PWParams P;
   at::Tensor as, ats, bs, bts;  // unit rows (student a, teacher a, student b, teacher b) (B,N,C), accumulation dtype, contiguous
-  at::Tensor na, nb;          // norms of the student rows (B,N,1) (backward only)
+  PWUnit ua, ub;              // the student sides' unit rows with their scaled norms (backward only)
   at::Tensor rowloss;         // (B,Na) per-row sums (forward)
   at::Tensor stats;           // (B,Na,2) lse of S_i/tau and T_i/tau (kl), else (0,)
   at::Tensor ga, gb;          // (B,N,Cs) dL/d(unit student rows), undefined when not wanted
 };
-
-inline at::ScalarType pw_acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
-
-// (B,C,N) -> unit rows (B,N,C) contiguous in acc, and the norms (B,N,1).
-inline std::pair<at::Tensor, at::Tensor> pw_normalize(const at::Tensor& x, double eps, at::ScalarType acc) {
-  at::Tensor xt = x.to(acc).transpose(1, 2);
-  at::Tensor n = at::linalg_vector_norm(xt, 2, at::IntArrayRef{2}, /*keepdim=*/true, c10::nullopt);
-  return {at::div(xt, at::clamp_min(n, eps)).contiguous(), n};
-}
-
-// d/dx of x / max(|x|, eps) from g = d/d(unit row): (g - xh <xh,g>)/|x| where |x| >= eps (as
-// autograd through clamp_min), g/eps below; g / max(|x|,eps) with detach_norm. -> (B,C,N).
-inline at::Tensor pw_norm_backward(const at::Tensor& g, const at::Tensor& xh, const at::Tensor& n, double eps,
-                                   bool detach_norm, at::ScalarType dtype) {
-  at::Tensor nc = at::clamp_min(n, eps);
-  at::Tensor dx;
-  if (detach_norm) {
-    dx = at::div(g, nc);
-  } else {
-    at::Tensor dot = at::sum(at::mul(xh, g), at::IntArrayRef{2}, /*keepdim=*/true);
-    at::Tensor full = at::div(at::sub(g, at::mul(xh, dot)), nc);
-    dx = at::where(at::ge(n, eps), full, at::div(g, nc));
-  }
-  return dx.transpose(1, 2).to(dtype).contiguous();
-}
 
 inline PWTensors pw_prepare(const at::Tensor& sa, const at::Tensor& ta, const at::Tensor& sb, const at::Tensor& tb,
                             int64_t loss, double temperature, double eps, bool keep_norms) {
@@ -68,8 +98,8 @@ inline PWTensors pw_prepare(const at::Tensor& sa, const at::Tensor& ta, const at
   TORCH_CHECK(sb.size(1) == Cs && tb.size(1) == Ct, "tcloss: the b side must have the channels of the a side");
   TORCH_CHECK(Cs >= 1 && Ct >= 1 && Na >= 1 && Nb >= 1, "tcloss: pairwise_similarity needs C >= 1 and N >= 1");
   TORCH_CHECK(loss == kPairwiseMSE || loss == kPairwiseKL, "tcloss: loss must be 0 (mse) or 1 (kl)");
-  TORCH_CHECK(temperature > 0, "tcloss: temperature must be positive");
-  TORCH_CHECK(eps >= 0, "tcloss: eps must be non-negative");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "tcloss: temperature must be a finite positive number");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "tcloss: eps must be a finite non-negative number");
   for (const auto* t : {&ta, &sb, &tb}) {
     TORCH_CHECK(t->device() == sa.device(), "tcloss: all inputs must be on ", sa.device());
     TORCH_CHECK(t->scalar_type() == sa.scalar_type(), "tcloss: all inputs must share a dtype");
@@ -78,13 +108,14 @@ inline PWTensors pw_prepare(const at::Tensor& sa, const at::Tensor& ta, const at
   PWTensors T;
   const double terms = static_cast<double>(B) * static_cast<double>(Na) * (loss == kPairwiseMSE ? Nb : 1);
   T.P = PWParams{B, Na, Nb, Cs, Ct, static_cast<int>(loss), 1.0 / temperature, 1.0 / terms};
-  std::tie(T.as, T.na) = pw_normalize(sa, eps, acc);
-  std::tie(T.bs, T.nb) = pw_normalize(sb, eps, acc);
-  T.ats = pw_normalize(ta, eps, acc).first;
-  T.bts = pw_normalize(tb, eps, acc).first;
-  if (!keep_norms) {
-    T.na = at::Tensor();
-    T.nb = at::Tensor();
+  PWUnit ua = pw_normalize(sa, eps, acc), ub = pw_normalize(sb, eps, acc);
+  T.as = ua.xh;
+  T.bs = ub.xh;
+  T.ats = pw_normalize(ta, eps, acc).xh;
+  T.bts = pw_normalize(tb, eps, acc).xh;
+  if (keep_norms) {
+    T.ua = std::move(ua);
+    T.ub = std::move(ub);
   }
   return T;
 }
@@ -118,9 +149,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_bwd_impl(Run run, const at::Tensor& 
   if (grad_b) T.gb = at::zeros({T.P.B, T.P.Nb, T.P.Cs}, opts);
   run(T);
   at::Tensor g = grad.to(T.as.scalar_type()).reshape({});  // dL/dloss, applied without a host sync
-  at::Tensor da = grad_a ? pw_norm_backward(at::mul(T.ga, g), T.as, T.na, eps, detach_norm, sa.scalar_type())
+  at::Tensor da = grad_a ? pw_norm_backward(at::mul(T.ga, g), T.ua, eps, detach_norm, sa.scalar_type())
                          : at::empty({0}, sa.options());
-  at::Tensor db = grad_b ? pw_norm_backward(at::mul(T.gb, g), T.bs, T.nb, eps, detach_norm, sb.scalar_type())
+  at::Tensor db = grad_b ? pw_norm_backward(at::mul(T.gb, g), T.ub, eps, detach_norm, sb.scalar_type())
                          : at::empty({0}, sb.options());
   return {da, db};
 }

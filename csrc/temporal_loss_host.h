@@ -11,6 +11,7 @@
 #include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "kernels/temporal_loss.h"
@@ -52,6 +53,8 @@ inline TLTensors tl_prepare(const at::Tensor& pred_t, const at::Tensor& pred_tk,
               "tcloss: img_t must be (B,Ci,H,W) with B,H,W of pred_t, got ", img_t.sizes());
   TORCH_CHECK(img_tk.sizes() == img_t.sizes(), "tcloss: img_tk must match img_t");
   TORCH_CHECK(mask_mode >= 0 && mask_mode <= 2, "tcloss: mask_mode must be 0, 1 or 2");
+  TORCH_CHECK(std::isfinite(mask_power) && mask_power >= 0, "tcloss: mask_power must be a finite non-negative number, got ",
+              mask_power);
   for (const auto* t : {&pred_tk, &flow, &img_t, &img_tk})
     TORCH_CHECK(t->device() == pred_t.device(), "tcloss: all inputs must be on ", pred_t.device());
   TLTensors T;
@@ -82,7 +85,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tl_grads(TLTensors& T, con
 inline at::Tensor tl_reduce(const at::Tensor& loss_map, int64_t reduction) {
   if (reduction == kNone) return loss_map;
   at::Tensor s = at::sum(loss_map);
-  if (reduction == kMean) s = at::div(s, static_cast<double>(loss_map.numel() > 0 ? loss_map.numel() : 1));
+  // mean of no pixels (B = 0): 0/0 = NaN, as torch.mean of an empty tensor and the reference
+  if (reduction == kMean) s = at::div(s, static_cast<double>(loss_map.numel()));
   return s;
 }
 

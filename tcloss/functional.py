@@ -1,12 +1,12 @@
 """User-facing functions: argument checks, then dispatch to a backend (see tcloss._backends)."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import reference
 from ._backends import resolve
+from ._checks import (check_choice, check_kd_options, check_pairwise_options, check_temporal_options,
+                      check_tensor)
 from ._backends import temporal_loss as _tl
 from ._backends import pairwise as _pw
 from ._backends import convlstm as _cl
@@ -14,43 +14,11 @@ from ._backends import convlstm as _cl
 __all__ = ["flow_warp", "occlusion_mask", "temporal_loss", "pairwise_similarity_loss", "pixelwise_kd",
            "convlstm_cell"]
 
-
-def _check_tensor(name: str, t, ndim: int | None = None, floating: bool = True) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions (B,C,H,W), got shape {tuple(t.shape)}")
-    if floating and not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+_FLT_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def _check_temporal_options(on, mask_mode, mask_power, padding, reduction) -> None:
-    """Options of temporal_loss / nn.TemporalLoss."""
-    _check_choice("on", on, ("prob", "logit"))
-    _check_choice("mask_mode", mask_mode, reference.MASK_MODES)
-    _check_choice("padding", padding, reference.PADDINGS)
-    _check_choice("reduction", reduction, reference.REDUCTIONS)
-    if isinstance(mask_power, bool) or not isinstance(mask_power, numbers.Real) or not mask_power >= 0:
-        raise ValueError(f"mask_power must be a non-negative number, got {mask_power!r}")
-
-
-def _check_pairwise_options(loss, temperature, algorithm, detach_norm, eps) -> None:
-    """Options of pairwise_similarity_loss / nn.PairwiseSimilarityLoss."""
-    _check_choice("loss", loss, reference.PAIRWISE_LOSSES)
-    _check_choice("algorithm", algorithm, reference.PAIRWISE_ALGORITHMS)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if not isinstance(detach_norm, bool):
-        raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
-    if loss == "kl" and algorithm == "gram":
-        raise ValueError("algorithm='gram' is an identity for loss='mse' only; use 'blocked' or 'naive' for 'kl'")
+_check_tensor = check_tensor  # short local names of the shared checks (tcloss._checks)
+_check_choice = check_choice
 
 
 def _check_flow(flow, B: int, H: int, W: int, device: torch.device, name: str = "flow") -> None:
@@ -131,12 +99,16 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
         pred_t, pred_tk: (B,C,H,W) scores of frames t and t+k (float16/bfloat16/float32/float64).
         flow: (B,2,H,W) optical flow t -> t+k in pixels (channel 0 = dx, 1 = dy).
         img_t, img_tk: (B,Ci,H,W) frames for the occlusion mask (must not require grad).
-        reduction: ``"mean"`` (sum / (B*H*W)), ``"sum"`` or ``"none"`` ((B,H,W) map).
-        detach_target: no gradient into ``pred_tk``.
+        mask_power: a finite number >= 0 (``V^0 = 1`` everywhere, even where a residual is
+            infinite).
+        reduction: ``"mean"`` (sum / (B*H*W); NaN for B = 0, as ``torch.mean`` of nothing),
+            ``"sum"`` or ``"none"`` ((B,H,W) map).
+        detach_target: no gradient into ``pred_tk`` (a ``bool``).
         backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
 
     Returns float32 (float64 for float64 inputs); accumulation is in float32 at least.
-    Gradients flow into ``pred_t``, ``pred_tk`` (unless ``detach_target``) and ``flow``.
+    Gradients flow into ``pred_t``, ``pred_tk`` (unless ``detach_target``) and ``flow``; double
+    backward is a RuntimeError on the kernel backends (the reference supports it).
 
     The paper's released code computes ``MSE(V*z_t, V*warp(z_tk))`` on logits, which is exactly
     ``temporal_loss(z_t, z_tk, flow, I_t, I_tk, on="logit", mask_power=2) / C``.
@@ -152,7 +124,7 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
         raise ValueError("pred_t must have at least one channel")
     _check_flow(flow, B, H, W, pred_t.device)
     _check_images(img_t, img_tk, B, H, W, pred_t.device)
-    _check_temporal_options(on, mask_mode, mask_power, padding, reduction)
+    check_temporal_options(on, mask_mode, mask_power, padding, reduction, detach_target, backend)
     if pred_tk.dtype != pred_t.dtype:  # e.g. mixed autocast outputs: compute in the wider type
         dt = torch.promote_types(pred_t.dtype, pred_tk.dtype)
         pred_t, pred_tk = pred_t.to(dt), pred_tk.to(dt)
@@ -164,9 +136,15 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
                                        reduction=reduction)
     if detach_target:
         pred_tk = pred_tk.detach()
+    # The float kernels (and Triton's scalar argument) hold mask_power as a float32: a finite power
+    # beyond its range would become inf there (and inf * 0 a NaN at V = 1); FLT_MAX gives the
+    # reference's V^p.
+    power = float(mask_power)
+    if pred_t.dtype != torch.float64 or name == "triton":
+        power = min(power, _FLT_MAX)
     # forward: the loss only (gradients come from one recomputing pass in backward)
     out = _tl.fwd_op(name)(pred_t, pred_tk, flow, img_t.detach(), img_tk.detach(), on == "prob",
-                           _tl.MASK_MODE[mask_mode], float(mask_power), padding == "zeros",
+                           _tl.MASK_MODE[mask_mode], power, padding == "zeros",
                            _tl.REDUCTION[reduction], False, False, False)
     return out[0]
 
@@ -210,7 +188,9 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
             ``reference`` runs naive/gram only). gram and naive are PyTorch on every device.
 
     Gradients flow into the students only; teachers that require grad are an error (detach them).
-    Returns float32 (float64 for float64 inputs).
+    Returns float32 (float64 for float64 inputs). Norms are taken of rows scaled by a power of two
+    (:func:`tcloss.reference.unit_vectors`), so large finite features keep exact cosines. The
+    blocked kernels refuse double backward (a RuntimeError); naive and gram are plain autograd.
     """
     _check_pairwise_input("student_a", student_a)
     dev = student_a.device
@@ -242,7 +222,7 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but the teacher is a constant of the distillation loss: "
                                  f"pass {name}.detach()")
-    _check_pairwise_options(loss, temperature, algorithm, detach_norm, eps)
+    check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend)
 
     # Mixed dtypes (e.g. an fp16 teacher): compute in the widest.
     dt = student_a.dtype
@@ -270,6 +250,13 @@ def pixelwise_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
 
     Logits (B,C,H,W) or (B,C,N), classes on dim 1; the mean is over the B*H*W pixels. Computed
     in float32 (float64 for float64 inputs); the teacher is a constant (must not require grad).
+    ``KL = sum_c p_c (log p_c - log q_c)`` with ``0 log 0 = 0``: a class the teacher masks with
+    ``-inf`` (or whose probability underflows to 0, e.g. logits of +-3e38) contributes nothing,
+    and the result stays finite. Large finite logits stay finite too: the log-probabilities are
+    formed times tau from logits centred on their maximum (``z / tau`` never overflows where the
+    result does not), and the mean over pixels is taken in float64. A per-pixel ``tau^2 KL``
+    beyond the float32 range is inf. A batch of no pixels gives NaN (the mean of nothing, as
+    ``torch.mean``).
     """
     _check_tensor("student_logits", student_logits)
     _check_tensor("teacher_logits", teacher_logits)
@@ -283,13 +270,26 @@ def pixelwise_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         raise ValueError("teacher_logits requires grad, but the teacher is a constant of the distillation loss: "
                          "pass teacher_logits.detach()")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_kd_options(temperature)
+    tau = float(temperature)
     acc = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
-    logq = torch.log_softmax(student_logits.to(acc) / temperature, dim=1)
-    logp = torch.log_softmax(teacher_logits.to(acc) / temperature, dim=1)
-    kl = (logp.exp() * (logp - logq)).sum(1)
-    return kl.mean() * (temperature * temperature)
+
+    def scaled_log_probs(z):
+        # u = tau * log_softmax(z / tau), formed as (z - max) - tau * lse((z - max) / tau): every
+        # term is bounded by the logit gap (lse is in [0, log C]), so neither z / tau nor the
+        # log-probabilities overflow where tau^2 KL itself is finite
+        z = z.to(acc)
+        z = z - z.detach().amax(1, keepdim=True)  # softmax is shift-invariant: a constant
+        return z - tau * torch.logsumexp(z / tau, dim=1, keepdim=True)
+
+    u_s = scaled_log_probs(student_logits)
+    u_t = scaled_log_probs(teacher_logits)
+    p = torch.exp(u_t / tau)
+    # tau^2 KL = tau sum_c p_c (u_t - u_s); 0 log 0 = 0: where p = 0 the term is 0 (not
+    # 0 * (-inf) = NaN), and so is its gradient
+    kl = torch.where(p > 0, p * (u_t - u_s), torch.zeros((), dtype=acc, device=p.device)).sum(1)
+    # the mean over pixels in float64: a sum of large per-pixel KLs cannot overflow
+    return (kl.to(torch.float64).mean() * tau).to(acc)
 
 
 def _check_peephole(peephole, Hd: int, H: int, W: int, device: torch.device) -> tuple:
@@ -327,7 +327,8 @@ def convlstm_cell(gates: torch.Tensor, c: torch.Tensor, *, peephole=None, backen
     and ``c``; the math runs in float32 (float64 for float64). Differentiable w.r.t. ``gates``,
     ``c`` and the peephole weights (their gradient is summed over the batch, and over the
     broadcast dimensions, e.g. space for per-channel weights). The kernels save only their
-    inputs for backward and recompute the gates there; no double backward.
+    inputs for backward and recompute the gates there; double backward through them is a
+    RuntimeError (the reference backend supports it).
 
     backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
     """

@@ -28,6 +28,7 @@ numbers here are *not* directly the paper's:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List
 
 import numpy as np  # noqa: F401  (numpy inputs are accepted via torch.as_tensor)
@@ -44,7 +45,9 @@ def _as_label_tensor(x, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must be a tensor or array of class ids, got {type(x).__name__}") from exc
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class ids, got dtype {x.dtype}")
-    return x
+    # Compare in int64: in a narrow dtype ignore_index=-1 would wrap (uint8 255 == -1) and a
+    # class id of 255 would silently count as ignored.
+    return x.to(torch.int64)
 
 
 def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -56,18 +59,29 @@ def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_num_classes(num_classes) -> int:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    """Any integral number (int, numpy integer, ...; not a bool) >= 1."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be a positive int, got {type(num_classes).__name__} {num_classes!r}")
+    if num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return num_classes
+    return int(num_classes)
+
+
+def _check_bool(name: str, value) -> bool:
+    """A real bool (or numpy's): strings such as "false" and numbers are refused."""
+    if not (isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 class _ConfusionAccumulator:
     """Shared bookkeeping: a (C, C) int64 confusion matrix (rows: reference, cols: other)."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
-        self.num_classes = _check_num_classes(num_classes)
-        if not isinstance(ignore_index, int):
+        self.num_classes = num_classes = _check_num_classes(num_classes)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        ignore_index = int(ignore_index)
         if 0 <= ignore_index < num_classes:
             raise ValueError(f"ignore_index={ignore_index} collides with a class id in [0, {num_classes})")
         self.ignore_index = ignore_index
@@ -136,7 +150,8 @@ def _to_list(t: torch.Tensor) -> List[float]:
 class SegmentationMetrics(_ConfusionAccumulator):
     """mIoU / per-class IoU / pixel accuracy over a data set, in percent.
 
-    ``update(pred, target)`` takes label maps (B, H, W) (or (H, W)); ``pred`` may also be
+    ``update(pred, target)`` takes label maps (B, H, W) (or (H, W)) of any integer dtype,
+    compared in int64 (so ``ignore_index=-1`` never matches a uint8 255); ``pred`` may also be
     logits (B, C, H, W), reduced by argmax. Pixels where ``target == ignore_index`` are
     skipped. ``compute()`` returns ``miou`` (mean over classes that occur in ``pred`` or
     ``target``; NaN if none), ``iou`` (per-class list, NaN for absent classes),
@@ -204,8 +219,8 @@ def nearest_warp_labels(labels: torch.Tensor, flow: torch.Tensor):
     inside = finite & (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
     sx = torch.nan_to_num(sx, nan=0.0).clamp(0, w - 1).long()
     sy = torch.nan_to_num(sy, nan=0.0).clamp(0, h - 1).long()
-    idx = (sy * w + sx).view(b, -1)
-    warped = labels.reshape(b, -1).gather(1, idx).view(b, h, w)
+    idx = (sy * w + sx).reshape(b, h * w)  # explicit sizes: -1 is ambiguous for an empty batch
+    warped = labels.reshape(b, h * w).gather(1, idx).view(b, h, w)
     return warped, inside
 
 
@@ -223,8 +238,9 @@ class TemporalConsistency(_ConfusionAccumulator):
     agree) and ``num_pixels`` compared.
 
     Options: ``exclude_out_of_frame`` drops pixels whose flow leaves the frame (otherwise
-    they are border-clamped); ``exclude_occluded`` drops pixels flagged in ``occlusion``.
-    Pixels where either label is ``ignore_index`` are skipped.
+    they are border-clamped); ``exclude_occluded`` drops pixels flagged in ``occlusion`` (both
+    ``bool``). Pixels where either label is ``ignore_index`` are skipped. An empty batch adds
+    nothing.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, exclude_out_of_frame: bool = True,
@@ -232,8 +248,8 @@ class TemporalConsistency(_ConfusionAccumulator):
         super().__init__(num_classes, ignore_index)
         if average not in ("present", "all"):
             raise ValueError(f"average must be 'present' or 'all', got {average!r}")
-        self.exclude_out_of_frame = bool(exclude_out_of_frame)
-        self.exclude_occluded = bool(exclude_occluded)
+        self.exclude_out_of_frame = _check_bool("exclude_out_of_frame", exclude_out_of_frame)
+        self.exclude_occluded = _check_bool("exclude_occluded", exclude_occluded)
         self.average = average
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ from torch import nn
 
 from . import functional as F
 from . import reference
-from ._backends import BACKENDS as _BACKENDS
+from ._checks import (check_backend, check_bool, check_choice, check_kd_options, check_pairwise_options,
+                      check_positive_int, check_real, check_temporal_options, check_tensor)
 
 __all__ = ["TemporalLoss", "PairwiseSimilarityLoss", "PixelwiseKD", "ConvLSTMCell", "ConvLSTM",
            "MultiFrameDistillation"]
@@ -24,7 +25,7 @@ class TemporalLoss(nn.Module):
                  padding: str = "border", detach_target: bool = False, reduction: str = "mean",
                  backend: str = "auto"):
         super().__init__()
-        F._check_temporal_options(on, mask_mode, mask_power, padding, reduction)
+        check_temporal_options(on, mask_mode, mask_power, padding, reduction, detach_target, backend)
         self.on, self.mask_mode, self.mask_power = on, mask_mode, mask_power
         self.padding, self.detach_target, self.reduction, self.backend = padding, detach_target, reduction, backend
 
@@ -48,7 +49,7 @@ class PairwiseSimilarityLoss(nn.Module):
     def __init__(self, *, loss: str = "mse", temperature: float = 1.0, algorithm: str = "auto",
                  detach_norm: bool = False, eps: float = 1e-8, backend: str = "auto"):
         super().__init__()
-        F._check_pairwise_options(loss, temperature, algorithm, detach_norm, eps)
+        check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend)
         self.loss, self.temperature, self.algorithm = loss, temperature, algorithm
         self.detach_norm, self.eps, self.backend = detach_norm, eps, backend
 
@@ -67,8 +68,7 @@ class PixelwiseKD(nn.Module):
 
     def __init__(self, *, temperature: float = 1.0):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        check_kd_options(temperature)
         self.temperature = temperature
 
     def forward(self, student_logits, teacher_logits) -> torch.Tensor:
@@ -80,17 +80,11 @@ class PixelwiseKD(nn.Module):
 
 # --- ConvLSTM and multi-frame distillation --------------------------------------------------------
 
-def _check_pos_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return int(v)
-
-
 def _pair(name: str, v, odd: bool = False) -> tuple[int, int]:
     vals = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     if len(vals) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    out = tuple(_check_pos_int(name, x) for x in vals)
+    out = tuple(check_positive_int(name, x) for x in vals)
     if odd and not all(x % 2 == 1 for x in out):
         raise ValueError(f"{name} must be odd (the state keeps its spatial size: 'same' padding), got {v!r}")
     return out
@@ -111,7 +105,7 @@ def _as_frames(name: str, seq) -> list:
     if not frames:
         raise ValueError(f"{name} must hold at least one frame")
     for t, f in enumerate(frames):
-        F._check_tensor(f"{name}[{t}]", f, 4)
+        check_tensor(f"{name}[{t}]", f, 4)
         if f.shape != frames[0].shape or f.device != frames[0].device:
             raise ValueError(f"every frame of {name} must have the shape and device of {name}[0] "
                              f"{tuple(frames[0].shape)} on {frames[0].device}; {name}[{t}] is {tuple(f.shape)} "
@@ -139,17 +133,15 @@ class ConvLSTMCell(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int, kernel_size=3, peephole: bool = True,
                  bias: bool = True, *, spatial_size=None, backend: str = "auto"):
         super().__init__()
-        self.in_channels = _check_pos_int("in_channels", in_channels)
-        self.hidden_channels = _check_pos_int("hidden_channels", hidden_channels)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.hidden_channels = check_positive_int("hidden_channels", hidden_channels)
         self.kernel_size = _pair("kernel_size", kernel_size, odd=True)
-        if not isinstance(peephole, bool):
-            raise TypeError(f"peephole must be a bool, got {type(peephole).__name__}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        peephole = check_bool("peephole", peephole)
+        bias = check_bool("bias", bias)
         if spatial_size is not None and not peephole:
             raise ValueError("spatial_size only sets the shape of per-position peepholes: it needs peephole=True")
         self.spatial_size = None if spatial_size is None else _pair("spatial_size", spatial_size)
-        F._check_choice("backend", backend, ("auto",) + _BACKENDS)
+        check_backend(backend)
         self.backend = backend
         Hd = self.hidden_channels
         self.conv = nn.Conv2d(self.in_channels + Hd, 4 * Hd, self.kernel_size,
@@ -169,7 +161,7 @@ class ConvLSTMCell(nn.Module):
         return None if self.w_i is None else (self.w_i, self.w_f, self.w_o)
 
     def forward(self, x: torch.Tensor, state=None):
-        F._check_tensor("x", x, 4)
+        check_tensor("x", x, 4)
         B, C, H, W = x.shape
         if C != self.in_channels:
             raise ValueError(f"x must have in_channels={self.in_channels} channels, got shape {tuple(x.shape)}")
@@ -185,7 +177,7 @@ class ConvLSTMCell(nn.Module):
                 raise TypeError("state must be None or a pair (h, c)")
             h, c = state
             for n, t in (("state h", h), ("state c", c)):
-                F._check_tensor(n, t, 4)
+                check_tensor(n, t, 4)
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{n} must have shape (B,hidden_channels,H,W) = {shape}, got {tuple(t.shape)}")
         gates = self.conv(torch.cat((x, h.to(x.dtype)), 1))
@@ -295,14 +287,11 @@ class MultiFrameDistillation(nn.Module):
                 raise ValueError(f"clip must be None, a positive number c (range [-c, c]) or a pair (lo, hi) with "
                                  f"lo < hi, got {clip!r}")
             self.clip = (float(lohi[0]), float(lohi[1]))
-        F._check_choice("regularizer", regularizer, MF_REGULARIZERS)
-        for n, v in (("reg_weight", reg_weight), ("reg_margin", reg_margin)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
-                raise ValueError(f"{n} must be a non-negative number, got {v!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        self.regularizer, self.reg_weight, self.reg_margin, self.eps = regularizer, float(reg_weight), \
-            float(reg_margin), float(eps)
+        check_choice("regularizer", regularizer, MF_REGULARIZERS)
+        self.regularizer = regularizer
+        self.reg_weight = check_real("reg_weight", reg_weight, minimum=0)
+        self.reg_margin = check_real("reg_margin", reg_margin, minimum=0)
+        self.eps = check_real("eps", eps, minimum=0, strict=True)
         self.convlstm = ConvLSTMCell(1, hidden_channels, kernel_size, peephole=True, bias=True, backend=backend)
         self.clip_()
 

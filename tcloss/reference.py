@@ -6,6 +6,8 @@ channel 1 = dy; ``out[b,:,y,x] = bilinear(x[b], y + flow[b,1,y,x], x + flow[b,0,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -108,20 +110,47 @@ PAIRWISE_LOSSES = ("mse", "kl")
 PAIRWISE_ALGORITHMS = ("auto", "blocked", "gram", "naive")
 
 
+def pow2_scale(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per vector along ``dim``, the power of two ``2^-e`` that brings its largest magnitude into
+    [0.5, 1) (``e`` the frexp exponent of ``max |x|``; a constant, no gradient), clamped so the
+    scale itself stays representable (tiny vectors are scaled by at most 2^126 in float32).
+
+    Norms are taken of ``x * scale``: they cannot overflow (features of 1e20 or 3e38 whose
+    float32 sum of squares is inf) or underflow, and since the scale is a power of two,
+    ``(x * scale) / ||x * scale||`` has the bits of ``x / ||x||`` wherever that did not overflow.
+    Zero, infinite and NaN vectors get the scale 1 (what they gave before: 0, NaN)."""
+    m = x.detach().abs().amax(dim, keepdim=True)
+    e = torch.frexp(m).exponent.clamp_min(round(math.log2(torch.finfo(x.dtype).tiny)))
+    return torch.ldexp(torch.ones_like(m), -e)
+
+
+def unit_vectors(x: torch.Tensor, dim: int, eps: float, detach_norm: bool = False) -> torch.Tensor:
+    """``x / max(||x||, eps)`` along ``dim``, computed as ``xs / max(||xs||, eps * s)`` with
+    ``xs = x * s``, ``s`` = :func:`pow2_scale`: the same value (and gradient: ``s`` is a
+    constant and the expression is invariant to it), but the norm of large finite vectors no
+    longer overflows to inf (which made them zero vectors). Where ``||x|| <= eps`` the norm is
+    the constant ``eps`` (as ``clamp_min``: no gradient through the norm at a tie either).
+    ``detach_norm=True`` makes the norm a constant for autograd."""
+    s = pow2_scale(x, dim)
+    xs = x * s
+    n = torch.linalg.vector_norm(xs, dim=dim, keepdim=True)
+    if detach_norm:
+        n = n.detach()
+    floor = eps * s
+    return xs / torch.where(n > floor, n, floor)
+
+
 def pairwise_normalize(x: torch.Tensor, eps: float = 1e-8, detach_norm: bool = False,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(B,C,H,W) or (B,C,N) -> (B,N,C) rows ``x_i / max(||x_i||, eps)`` in ``dtype``.
+    """(B,C,H,W) or (B,C,N) -> (B,N,C) rows ``x_i / max(||x_i||, eps)`` in ``dtype`` (through
+    :func:`unit_vectors`: exact for large finite features too).
 
     ``detach_norm=True`` makes the norm a constant for autograd (the structured-distillation
     code's convention)."""
     x = x.reshape(x.shape[0], x.shape[1], -1)
     if dtype is not None:
         x = x.to(dtype)
-    x = x.transpose(1, 2)
-    n = torch.linalg.vector_norm(x, dim=2, keepdim=True)
-    if detach_norm:
-        n = n.detach()
-    return x / n.clamp_min(eps)
+    return unit_vectors(x.transpose(1, 2), 2, eps, detach_norm)
 
 
 def _pairwise_acc(t: torch.Tensor) -> torch.dtype:
@@ -224,6 +253,5 @@ def convlstm_cell(gates: torch.Tensor, c: torch.Tensor, peephole=None):
 def mf_self_similarity(feat: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(B,C,H,W) -> (B,N,N), N = H*W: ``A[b,i,j] = x_i.x_j / (max(|x_i|,eps) max(|x_j|,eps))`` with
     x_i = feat[b,:,i]: the self-similarity map A(F_t, F_t) of multi-frame distillation."""
-    x = feat.flatten(2)
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+    x = unit_vectors(feat.flatten(2), 1, eps)
     return torch.bmm(x.transpose(1, 2), x)

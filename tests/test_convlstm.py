@@ -168,6 +168,27 @@ def test_many_batch_chunks(backend, device):
     check_against_reference(backend, gates, c, p)
 
 
+@pytest.mark.parametrize("peep", ["channel", "position"])
+def test_cpp_gradients_are_the_same_bits_for_any_thread_count(peep):
+    """The peephole gradient is summed over batch chunks fixed by the shape alone, not by the
+    number of threads: 1, 2 and 4 threads give identical bits (2048 columns and 37 batch items:
+    a chunking sized by the thread count would split the batch into 4, 8 or 16 chunks)."""
+    if "cpp" not in tcloss.available_backends()["cpu"]:
+        pytest.skip("C++ extension not built")
+    gates, c, p = make_inputs(37, 2, 32, 32, peep=peep, dtype=torch.float32, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = run("cpp", gates, c, p)
+        for n in (2, 4):
+            torch.set_num_threads(n)
+            again = run("cpp", gates, c, p)
+            for a, b in zip(first[0] + first[1], again[0] + again[1]):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_non_contiguous(backend, device):
     gates, c, p = make_inputs(2, 3, 5, 6, peep="mixed", device=device, seed=8)
@@ -514,3 +535,68 @@ def test_bad_backend_and_module_options():
         mf(feats(B=2), feats(B=3))
     with pytest.raises(ValueError, match=r"every frame of student_feats"):
         mf([torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 7)], feats(T=2))
+
+
+# ---------------------------------------------------------------- issue 12: reliability ----------
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("peep", [None, "channel"])
+def test_double_backward_refused(backend, device, peep):
+    """The kernels' backward is not differentiable: a second derivative is one clear RuntimeError
+    on every kernel backend (the C++ backend returned None, silently)."""
+    gates, c, p = make_inputs(1, 2, 3, 4, peep=peep, device=device)
+    gates, c = gates.requires_grad_(), c.requires_grad_()
+    h, c_new = tcloss.convlstm_cell(gates, c, peephole=p, backend=backend)
+    gg, gc = torch.autograd.grad((h * h).sum() + c_new.sum(), (gates, c), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through convlstm_cell is not supported"):
+        (gg.pow(2).sum() + gc.sum()).backward()
+    # the reference is plain autograd: second derivatives work there
+    h, _ = tcloss.convlstm_cell(gates, c, peephole=p, backend="reference")
+    (gg,) = torch.autograd.grad((h * h).sum(), gates, create_graph=True)
+    gg.pow(2).sum().backward()
+    assert gates.grad is not None and torch.isfinite(gates.grad).all()
+
+
+def test_module_option_types():
+    """One set of checks: integral numbers of any kind are accepted, bools and strings refused
+    with a TypeError, out-of-range or non-finite values with a ValueError naming the argument."""
+    np = pytest.importorskip("numpy")
+    cell = tcloss.nn.ConvLSTMCell(np.int64(2), np.int32(3), kernel_size=np.int64(3))
+    assert cell.in_channels == 2 and cell.hidden_channels == 3 and type(cell.hidden_channels) is int
+    for kw, exc, msg in (
+            (dict(peephole="yes"), TypeError, "peephole must be a bool"),
+            (dict(bias=1), TypeError, "bias must be a bool"),
+            (dict(backend=None), TypeError, "backend must be one of"),
+    ):
+        with pytest.raises(exc, match=msg):
+            tcloss.nn.ConvLSTMCell(2, 3, **kw)
+    with pytest.raises(TypeError, match="hidden_channels must be a positive int"):
+        tcloss.nn.ConvLSTMCell(2, True)
+    with pytest.raises(TypeError, match="in_channels must be a positive int"):
+        tcloss.nn.ConvLSTMCell(2.0, 3)
+    for kw, exc, msg in (
+            (dict(reg_weight=float("inf")), ValueError, "reg_weight must be finite"),
+            (dict(reg_margin=float("nan")), ValueError, "reg_margin must be finite"),
+            (dict(reg_weight=-1), ValueError, "reg_weight must be a non-negative number"),
+            (dict(eps=0), ValueError, "eps must be a positive number"),
+            (dict(eps="1e-8"), TypeError, "eps must be a real number"),
+            (dict(pool=2.5), TypeError, "pool must be a positive int"),
+            (dict(regularizer=None), TypeError, "regularizer must be one of"),
+            (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ):
+        with pytest.raises(exc, match=msg):
+            tcloss.nn.MultiFrameDistillation(**kw)
+
+
+def test_mf_similarity_of_large_finite_features():
+    """Features of 1e20 (float32 norm overflows to inf) have the cosine map of the same features
+    at unit scale, not an all-zero map."""
+    f = torch.randn(2, 5, 4, 4, generator=torch.Generator().manual_seed(3))
+    f = f / f.abs().max()
+    want = R.mf_self_similarity(f.double())
+    for sc in (1.0, 1e20, 3e38):
+        got = R.mf_self_similarity(f * sc)
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    mf = tcloss.nn.MultiFrameDistillation(pool=None, backend="reference")
+    a = mf.similarity_maps([f * 1e20])[0]
+    torch.testing.assert_close(a.double(), want.unsqueeze(1), atol=1e-6, rtol=1e-5)

@@ -77,7 +77,9 @@ def test_missing_optional_dependencies_say_how_to_install(monkeypatch):
         tflow.DISFlow()
     with pytest.raises(ImportError, match=re.escape("pip install tcloss[flow]")):
         tflow.dis_flow(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
-    monkeypatch.setitem(sys.modules, "torchvision", None)
+    # every level: an already imported torchvision.models would otherwise satisfy the import
+    for name in ("torchvision", "torchvision.models", "torchvision.models.optical_flow"):
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=re.escape("pip install tcloss[flow]")):
         tflow.RAFTFlow("small", weights="/nonexistent/raft.pth")
 

@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +31,7 @@ def test_metrics_module_imports_only_torch_numpy():
     src = (ROOT / "tcloss" / "metrics.py").read_text()
     imports = {line.split()[1].split(".")[0] for line in src.splitlines()
                if line.startswith(("import ", "from ")) and not line.startswith("from __future__")}
-    assert imports <= {"torch", "numpy", "math", "typing"}, imports
+    assert imports <= {"torch", "numpy", "math", "numbers", "typing"}, imports  # + the standard library
 
 
 def test_perfect_predictor():
@@ -170,3 +171,66 @@ def test_tc_bad_inputs():
         tc.update(p, p, torch.zeros(1, 2, 4, 4), occlusion=torch.zeros(1, 4, 4))
     with pytest.raises(ValueError, match="average"):
         M.TemporalConsistency(3, average="mean")
+
+
+# ---------------------------------------------------------------- issue 12: reliability ----------
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_negative_ignore_index_never_wraps(dtype):
+    """ignore_index=-1 with uint8 labels: -1 compared in uint8 is 255, so a label 255 was silently
+    ignored. Labels are compared in int64: 255 is an out-of-range class (an error), and -1
+    (where the dtype has it) is ignored."""
+    m = M.SegmentationMetrics(4, ignore_index=-1)
+    lab = torch.tensor([[[0, 1], [2, 3]]], dtype=dtype)
+    if dtype == torch.uint8:
+        bad = lab.clone()
+        bad[0, 1, 1] = 255
+        with pytest.raises(ValueError, match="target holds class id 255"):
+            m.update(lab, bad)
+        with pytest.raises(ValueError, match="pred holds class ids outside"):
+            m.update(bad, lab)
+        tc = M.TemporalConsistency(4, ignore_index=-1)
+        with pytest.raises(ValueError, match="pred_t holds class id 255"):
+            tc.update(bad, lab, torch.zeros(1, 2, 2, 2))
+    else:
+        tgt = lab.clone()
+        tgt[0, 1, 1] = -1
+        m.update(lab, tgt)
+        assert int(m.confusion.sum()) == 3
+    assert int(M.SegmentationMetrics(4, ignore_index=255).confusion.sum()) == 0
+
+
+def test_empty_batch_is_a_no_op():
+    """An empty batch adds nothing (TemporalConsistency raised a raw reshape error)."""
+    tc = M.TemporalConsistency(3)
+    empty = torch.zeros(0, 4, 5, dtype=torch.long)
+    tc.update(empty, empty, torch.zeros(0, 2, 4, 5))
+    tc.update(empty, empty, torch.zeros(0, 2, 4, 5), occlusion=torch.zeros(0, 4, 5, dtype=torch.bool))
+    assert int(tc.confusion.sum()) == 0 and tc.compute()["num_pixels"] == 0
+    p = torch.zeros(1, 4, 5, dtype=torch.long)
+    tc.update(p, p, torch.zeros(1, 2, 4, 5))
+    assert tc.compute()["num_pixels"] == 20
+    seg = M.SegmentationMetrics(3)
+    seg.update(empty, empty)
+    seg.update(torch.zeros(0, 3, 4, 5), empty)  # logits
+    assert int(seg.confusion.sum()) == 0
+    warped, inside = M.nearest_warp_labels(empty, torch.zeros(0, 2, 4, 5))
+    assert warped.shape == (0, 4, 5) and inside.shape == (0, 4, 5)
+
+
+def test_integral_options_and_bool_flags():
+    """num_classes / ignore_index: any integral number (numpy too), never a bool or a float; the
+    TC flags must be real bools."""
+    m = M.SegmentationMetrics(np.int64(5), ignore_index=np.int16(-1))
+    assert m.num_classes == 5 and type(m.num_classes) is int and m.ignore_index == -1
+    assert M.TemporalConsistency(np.uint8(3)).num_classes == 3
+    for bad, exc in ((True, TypeError), (5.0, TypeError), ("5", TypeError), (np.int64(0), ValueError)):
+        with pytest.raises(exc, match="num_classes must be a positive int"):
+            M.SegmentationMetrics(bad)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        M.SegmentationMetrics(3, ignore_index=255.0)
+    with pytest.raises(TypeError, match="exclude_occluded must be a bool"):
+        M.TemporalConsistency(3, exclude_occluded="no")
+    with pytest.raises(TypeError, match="exclude_out_of_frame must be a bool"):
+        M.TemporalConsistency(3, exclude_out_of_frame=0)
+    assert M.TemporalConsistency(3, exclude_occluded=np.bool_(False)).exclude_occluded is False

@@ -248,7 +248,7 @@ def test_opcheck(backend, device):
         bwd = torch.ops.tcloss.pairwise_similarity_bwd.default
     torch.library.opcheck(bwd,
                           (g, sa.detach(), ta, sb.detach(), tb, stats, 1, 0.8, 1e-8, False, True, True),
-                          test_utils=("test_schema", "test_faketensor"))  # bwd has no autograd of its own
+                          test_utils=("test_schema", "test_faketensor"))  # bwd: its autograd only refuses
 
 
 @pytest.mark.skipif(not _avail("cpp", "cpu"), reason="tcloss._C not built")
@@ -358,3 +358,186 @@ def test_pixelwise_kd():
     with pytest.raises(ValueError, match="temperature"):
         tcloss.nn.PixelwiseKD(temperature=0.0)
     assert math.isfinite(tcloss.pixelwise_kd(s.float(), t.float()).item())
+
+
+# ------------------------------------------------------------------------- issue 12: reliability
+
+
+def _unit_scale_inputs(dtype, device="cpu"):
+    """Inputs whose largest magnitude is exactly 1 (so any scale up to the dtype's max is finite)."""
+    sa, ta, sb, tb = make(B=2, Cs=4, Ct=5, Na=9, Nb=7, seed=3)
+    out = []
+    for x in (sa, ta, sb, tb):
+        x = x.detach()
+        out.append((x / x.abs().max()).to(dtype).to(device))
+    return out
+
+
+BIG = {torch.float32: (1e20, 3e38), torch.float64: (1e20, 1e200, 1e300)}
+
+
+def _check_large_features(run_kw, dtype, device="cpu"):
+    """Large finite features have the cosines of the same features at unit scale: the norm is
+    taken of power-of-two-scaled rows, never overflowing (it was inf -> zero vectors)."""
+    sa, ta, sb, tb = _unit_scale_inputs(dtype, device)
+    for loss in ("mse", "kl"):
+        if loss == "kl" and run_kw.get("algorithm") == "gram":
+            continue
+        l_ref, g_ref = ref64(sa.requires_grad_(), ta, sb.requires_grad_(), tb, loss=loss)
+        for sc in BIG[dtype]:
+            a = (sa.detach() * sc).requires_grad_()
+            b = (sb.detach() * sc).requires_grad_()
+            assert torch.isfinite(a).all() and torch.isfinite(b).all()
+            l, g = run(a, ta * sc, b, tb * sc, loss=loss, **run_kw)
+            assert torch.isfinite(l), (loss, sc)
+            torch.testing.assert_close(l.double().cpu(), l_ref, atol=1e-6, rtol=1e-5, msg=f"{loss} x{sc}")
+            for x, y in zip(g, g_ref):  # d/d(sc x) = (d/dx) / sc
+                assert torch.isfinite(x).all()
+                # float32 gradients of 3e38-features are ~1e-40, subnormal: ~17 significant bits
+                torch.testing.assert_close((x.double().cpu() * sc), y, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_large_finite_features(backend, device, dtype):
+    _check_large_features(dict(algorithm="blocked", backend=backend), dtype, device)
+
+
+@pytest.mark.parametrize("algorithm", ["naive", "gram"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_large_finite_features(algorithm, dtype):
+    _check_large_features(dict(algorithm=algorithm, backend="reference"), dtype)
+
+
+def test_normalization_bits_unchanged_for_ordinary_features():
+    """The power-of-two scale changes nothing for ordinary features: the unit rows have the bits
+    of x / max(|x|, eps), and tiny vectors (|x| < eps) are still x / eps."""
+    x = torch.randn(2, 6, 50, generator=torch.Generator().manual_seed(2))
+    x[0, :, 3] *= 1e-12  # below eps
+    x[1, :, 4] = 0
+    xt = x.transpose(1, 2)
+    plain = xt / torch.linalg.vector_norm(xt, dim=2, keepdim=True).clamp_min(1e-8)
+    assert torch.equal(R.pairwise_normalize(x, 1e-8), plain)
+    assert torch.equal(pw.normalize_rows(x, 1e-8, torch.float32)[0], plain)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_double_backward_refused(backend, device, loss):
+    """The blocked kernels' backward is not differentiable: differentiating the gradient again is
+    one clear RuntimeError (not an internal ATen / register_autograd message)."""
+    sa, ta, sb, tb = make(B=1, Cs=3, Ct=4, Na=6, Nb=5, device=device)
+    l = tcloss.pairwise_similarity_loss(sa, ta, sb, tb, loss=loss, algorithm="blocked", backend=backend)
+    ga, = torch.autograd.grad(l, sa, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through pairwise_similarity_loss is not supported"):
+        ga.sum().backward()
+    # the reference (naive) supports it
+    l = tcloss.pairwise_similarity_loss(sa.cpu(), ta.cpu(), loss=loss, algorithm="naive", backend="reference")
+    ga, = torch.autograd.grad(l, sa, create_graph=True)
+    ga.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(detach_norm="false"), TypeError, "detach_norm must be a bool"),
+    (dict(detach_norm=1), TypeError, "detach_norm must be a bool"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+    (dict(temperature="2"), TypeError, "temperature must be a real number"),
+    (dict(temperature=True), TypeError, "temperature must be a real number"),
+    (dict(eps=float("inf")), ValueError, "eps must be finite"),
+    (dict(eps=-1e-9), ValueError, "eps must be a non-negative number"),
+    (dict(loss=None), TypeError, "loss must be one of"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+    (dict(backend=1), TypeError, "backend must be one of"),
+])
+def test_bad_options_function_and_module_alike(kw, exc, msg):
+    """Every option is checked by the same helper in the function and in the module's __init__."""
+    sa, ta, sb, tb = make()
+    with pytest.raises(exc, match=msg):
+        tcloss.pairwise_similarity_loss(sa, ta, **kw)
+    with pytest.raises(exc, match=msg):
+        tcloss.nn.PairwiseSimilarityLoss(**kw)
+
+
+def test_native_op_refuses_non_finite_options():
+    if not _avail("cpp", "cpu"):
+        pytest.skip("tcloss._C not built")
+    sa, ta, sb, tb = (x.detach() for x in make())
+    op = torch.ops.tcloss.pairwise_similarity_fwd
+    with pytest.raises(RuntimeError, match="temperature must be a finite positive"):
+        op(sa, ta, sb, tb, 1, float("inf"), 1e-8, False)
+    with pytest.raises(RuntimeError, match="eps must be a finite non-negative"):
+        op(sa, ta, sb, tb, 0, 1.0, float("nan"), False)
+
+
+# pixel-wise KD
+
+def _kd64(s, t, tau):
+    """tau^2 mean_pixels sum_{c: p_c > 0} p_c (log p_c - log q_c), in float64 on the given values."""
+    s, t = s.double(), t.double()
+    logq = torch.log_softmax(s / tau, 1)
+    logp = torch.log_softmax(t / tau, 1)
+    p = logp.exp()
+    terms = p * (logp - logq)
+    terms = torch.where(p > 0, terms, torch.zeros_like(terms))
+    return terms.sum(1).mean() * tau * tau
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1.0, 0.25, 4.0])
+def test_pixelwise_kd_masked_teacher_class_is_finite(dtype, tau):
+    """A teacher class masked with -inf has p = 0 and contributes 0 log 0 = 0: the loss and the
+    student gradient are finite (they were NaN) and equal the KL over the other classes."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64)
+    t[:, 1] = float("-inf")          # a class masked everywhere
+    t[0, 3, 1, 2] = float("-inf")    # and one at a single pixel
+    s = s.to(dtype).requires_grad_()
+    t = t.to(dtype)
+    got = tcloss.pixelwise_kd(s, t, temperature=tau)
+    (gs,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_()
+    want = _kd64(s64, t, tau)
+    (gw,) = torch.autograd.grad(want, s64)
+    assert torch.isfinite(got) and torch.isfinite(gs).all()
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(gs.double(), gw, **tol)
+    assert torch.isfinite(tcloss.nn.PixelwiseKD(temperature=tau)(s, t))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1, 1e-3])
+def test_pixelwise_kd_large_finite_logits(tau):
+    """float32 logits of +-3e38 (teacher: probabilities that underflow to 0; student: logits / tau
+    beyond the float32 range, a sum of per-pixel KLs beyond it) give the float64 result on the
+    same values, not NaN or inf."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 4, 6, generator=g)
+    t = torch.randn(2, 4, 6, generator=g)
+    t[:, 0] = 3e38
+    t[:, 2] = -3e38
+    s[0, 1] = 3e38 * 0.5             # dominant student class, its gap / tau overflows float32
+    got = tcloss.pixelwise_kd(s, t, temperature=tau)
+    want = _kd64(s, t, tau)  # ~7.5e37 * tau: representable, though tau^2 KL / pixel is not always
+    assert math.isfinite(want.item()) and math.isfinite(got.item())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    # where every term fits float32 the result is finite and equal
+    s2 = torch.randn(2, 4, 6, generator=g) * 1e3
+    got = tcloss.pixelwise_kd(s2, t, temperature=tau)
+    want = _kd64(s2, t, tau)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_pixelwise_kd_options_and_empty_batch():
+    s = torch.randn(2, 3, 4)
+    for kw, exc, msg in ((dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+                         (dict(temperature=0), ValueError, "temperature must be a positive number"),
+                         (dict(temperature="1"), TypeError, "temperature must be a real number")):
+        with pytest.raises(exc, match=msg):
+            tcloss.pixelwise_kd(s, s, **kw)
+        with pytest.raises(exc, match=msg):
+            tcloss.nn.PixelwiseKD(**kw)
+    # the mean over no pixels is NaN, as torch.mean (and the temporal loss's reduction="mean")
+    assert torch.isnan(tcloss.pixelwise_kd(s[:0], s[:0]))

@@ -435,11 +435,12 @@ def needs_cpp():
         pytest.skip("no native CPU kernel")
 
 
-def test_cpp_float32_gradients_are_deterministic():
-    """The CPU kernel parallelises its scatter over channel planes: no atomics, bitwise repeatable,
-    and the same bits with 1 and 2 threads."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_gradients_are_deterministic(dtype):
+    """The CPU kernels scatter without atomics (float32: channel planes in pixel order; float64:
+    one thread per batch item): bitwise repeatable, and the same bits with 1 and 2 threads."""
     needs_cpp()
-    inputs = make_inputs(1, 7, 33, 40, dtype=torch.float32, flow_scale=6.0, seed=21)
+    inputs = make_inputs(1, 7, 33, 40, dtype=dtype, flow_scale=6.0, seed=21)
     first = run("cpp", inputs)
     threads = torch.get_num_threads()
     try:
@@ -496,3 +497,132 @@ def test_large_logits_as_accurate_as_the_reference(backend, device):
     loss = tcloss.temporal_loss(pt, ptk, zero, img, img, backend=backend, reduction="none")
     expected = 2 * (0.5 - 1 / 3) ** 2 + (1 / 3) ** 2
     torch.testing.assert_close(loss.cpu(), torch.full((1, 2, 2), expected), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- issue 12: reliability ----------
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(detach_target="false"), TypeError, "detach_target must be a bool"),
+    (dict(detach_target=0), TypeError, "detach_target must be a bool"),
+    (dict(mask_power=float("inf")), ValueError, "mask_power must be finite"),
+    (dict(mask_power=float("nan")), ValueError, "mask_power must be finite"),
+    (dict(mask_power="2"), TypeError, "mask_power must be a real number"),
+    (dict(mask_power=True), TypeError, "mask_power must be a real number"),
+    (dict(on=None), TypeError, "on must be one of"),
+    (dict(reduction=1), TypeError, "reduction must be one of"),
+    (dict(backend=None), TypeError, "backend must be one of"),
+    (dict(backend="opencl"), ValueError, "backend must be one of"),
+])
+def test_bad_option_types_function_and_module_alike(kw, exc, msg):
+    """Bool options must be real bools (a string "false" was taken as True), numbers finite;
+    the function and the module's __init__ run the same checks."""
+    with pytest.raises(exc, match=msg):
+        tcloss.temporal_loss(*_good(), **kw)
+    with pytest.raises(exc, match=msg):
+        tcloss.nn.TemporalLoss(**kw)
+
+
+def test_numpy_option_values_accepted():
+    inputs = _good()
+    want = R.temporal_loss(*inputs, mask_power=2.0, detach_target=True)
+    got = tcloss.temporal_loss(*inputs, mask_power=np.float64(2.0), detach_target=np.bool_(True))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(tcloss.nn.TemporalLoss(mask_power=np.int64(2))(*inputs), want)
+
+
+def _all_backends():
+    return [pytest.param("reference", "cpu", id="reference")] + list(KERNELS)
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mask_power_zero_at_infinite_image(backend, device, dtype):
+    """V^0 = 1 wherever the residual is infinite or NaN (an infinite image value in img_t, in a
+    warped corner of img_tk, or both): every backend gives the reference's finite loss."""
+    pt, ptk, fl, it, itk = make_inputs(1, 3, 5, 6, dtype=dtype, device=device, seed=7)
+    fl = torch.zeros_like(fl)
+    it, itk = it.clone(), itk.clone()
+    it[0, 0, 1, 1] = float("inf")                                    # r = inf
+    itk[0, 1, 2, 3] = float("-inf")                                  # r = inf
+    it[0, 2, 3, 4], itk[0, 2, 3, 4] = float("inf"), float("inf")     # r = NaN
+    ref = R.temporal_loss(pt.cpu(), ptk.cpu(), fl.cpu(), it.cpu(), itk.cpu(), mask_power=0, reduction="none")
+    assert torch.isfinite(ref).all()
+    got = tcloss.temporal_loss(pt, ptk, fl, it, itk, mask_power=0, reduction="none", backend=backend)
+    assert torch.isfinite(got).all()
+    assert_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+def test_mask_power_beyond_float32_range(backend, device):
+    """A finite mask_power the float kernels cannot hold (1e39 > FLT_MAX) is clamped to FLT_MAX
+    for them, not turned into inf (inf * 0 = NaN at V = 1). Residuals are kept below 1 here:
+    with p r beyond FLT_MAX the C++ CPU float kernel has its own NaN (see
+    test_large_finite_images_give_zero_weight)."""
+    pt, ptk, fl, it, itk = make_inputs(1, 3, 5, 6, dtype=torch.float32, device=device, seed=8)
+    it, itk = it * 0.3, itk * 0.3
+    it[0, :, 2, 2] = itk[0, :, 2, 2]  # V = 1 at pixels whose residual is 0
+    fl = torch.zeros_like(fl)
+    ref = R.temporal_loss(pt.cpu(), ptk.cpu(), fl.cpu(), it.cpu(), itk.cpu(), mask_power=1e39, reduction="none")
+    got = tcloss.temporal_loss(pt, ptk, fl, it, itk, mask_power=1e39, reduction="none", backend=backend)
+    assert torch.isfinite(got).all() and got[0, 2, 2] > 0
+    assert_close(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_finite_images_give_zero_weight(backend, device, dtype):
+    """Finite images whose residual overflows (3e38 - (-3e38)) or whose p * r does: V^p = 0 there,
+    as in the reference, not NaN."""
+    pt, ptk, fl, it, itk = make_inputs(1, 3, 5, 6, dtype=dtype, device=device, seed=9)
+    fl = torch.zeros_like(fl)
+    it, itk = it.clone(), itk.clone()
+    it[0, :, 1, 1], itk[0, :, 1, 1] = 3e38, -3e38
+    it[0, :, 3, 2] = 1e30
+    for p in (1, 1e10):
+        ref = R.temporal_loss(pt.cpu(), ptk.cpu(), fl.cpu(), it.cpu(), itk.cpu(), mask_power=p, reduction="none")
+        got = tcloss.temporal_loss(pt, ptk, fl, it, itk, mask_power=p, reduction="none", backend=backend)
+        assert got[0, 1, 1] == 0 and got[0, 3, 2] == 0
+        assert_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+def test_empty_batch_reductions(backend, device):
+    """B = 0: reduction="mean" is NaN on every backend (the mean of nothing, as torch.mean and the
+    reference; one backend returned 0.0), "sum" is 0, "none" an empty (0,H,W) map; backward
+    gives empty gradients."""
+    pt, ptk, fl, it, itk = (t[:0] for t in make_inputs(2, 3, 4, 5, dtype=torch.float32, device=device))
+    for t in (pt, ptk, fl):
+        t.requires_grad_(True)
+    mean = tcloss.temporal_loss(pt, ptk, fl, it, itk, backend=backend)
+    assert mean.shape == () and torch.isnan(mean)
+    total = tcloss.temporal_loss(pt, ptk, fl, it, itk, reduction="sum", backend=backend)
+    assert total.item() == 0
+    none = tcloss.temporal_loss(pt, ptk, fl, it, itk, reduction="none", backend=backend)
+    assert none.shape == (0, 4, 5)
+    grads = torch.autograd.grad(mean, (pt, ptk, fl))
+    assert [g.shape for g in grads] == [pt.shape, ptk.shape, fl.shape]
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_double_backward_refused(backend, device):
+    pt, ptk, fl, it, itk = make_inputs(1, 3, 4, 5, device=device)
+    for t in (pt, ptk, fl):
+        t.requires_grad_(True)
+    loss = tcloss.temporal_loss(pt, ptk, fl, it, itk, backend=backend)
+    g = torch.autograd.grad(loss, (pt, ptk, fl), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through temporal_loss is not supported"):
+        sum(x.pow(2).sum() for x in g).backward()
+
+
+def test_bad_environment_backend_names_the_variable(monkeypatch):
+    """A bad TCLOSS_BACKEND is reported as that variable's value, not as a bad backend= argument."""
+    monkeypatch.setenv("TCLOSS_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="environment variable TCLOSS_BACKEND must be one of.*got 'gpu'"):
+        tcloss.temporal_loss(*_good())
+    monkeypatch.setenv("TCLOSS_BACKEND", "cuda")  # a real name, not available for CPU tensors
+    with pytest.raises(RuntimeError, match="from the environment variable TCLOSS_BACKEND.*not available"):
+        tcloss.temporal_loss(*_good())
+    # an explicit backend= wins over the variable
+    torch.testing.assert_close(tcloss.temporal_loss(*_good(), backend="reference"), R.temporal_loss(*_good()))
+    monkeypatch.setenv("TCLOSS_BACKEND", "")
+    tcloss.temporal_loss(*_good())

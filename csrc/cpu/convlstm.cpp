@@ -310,19 +310,21 @@ void run_cpu(CLTensors& T, bool backward) {
   });
 }
 
-// Enough (chunk, column block) tasks for every thread; a few per thread for balance.
-int64_t cpu_min_parallel() { return static_cast<int64_t>(at::get_num_threads()) * 4 * kColBlock; }
+// Enough (chunk, column block) tasks for up to 16 threads, a few per thread for balance. A
+// constant, not the thread count: the batch chunks are what the peephole gradient is summed
+// over, so the same chunks give the same bits with any number of threads.
+constexpr int64_t kCpuMinParallel = 64 * kColBlock;
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& gates, const at::Tensor& c,
                                            const c10::optional<at::Tensor>& peephole) {
-  return convlstm_fwd_impl(run_cpu, cpu_min_parallel(), int64_t(1) << 30, gates, c, peephole);
+  return convlstm_fwd_impl(run_cpu, kCpuMinParallel, int64_t(1) << 30, gates, c, peephole);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const c10::optional<at::Tensor>& grad_h,
                                                        const c10::optional<at::Tensor>& grad_c_new,
                                                        const at::Tensor& gates, const at::Tensor& c,
                                                        const c10::optional<at::Tensor>& peephole, bool grad_peephole) {
-  return convlstm_bwd_impl(run_cpu, cpu_min_parallel(), int64_t(1) << 30, grad_h, grad_c_new, gates, c, peephole,
+  return convlstm_bwd_impl(run_cpu, kCpuMinParallel, int64_t(1) << 30, grad_h, grad_c_new, gates, c, peephole,
                            grad_peephole);
 }
 

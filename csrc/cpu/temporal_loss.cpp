@@ -207,35 +207,18 @@ void run_rows(const TLTensors& T) {
 // --- float64: the GPU's per-pixel orchestration ------------------------------------------------
 
 // d pred_tk adds of one pixel's four corners (the Scatter of temporal_loss_pixel): plain adds,
-// or compare-and-swap ones when rows of one batch item run on several threads.
-template <bool kAtomic>
+// each batch item's rows run by one thread.
 struct CornerScatter {
   template <typename TAPS>
   void prepare(const TAPS&) const {}
   template <typename T, typename TAPS>
   void operator()(T* plane, const TAPS& t, const T gk[4]) const {
     for (int k = 0; k < 4; ++k)
-      if (t.valid[k] && t.w[k] != T(0)) add(plane + t.off[k], gk[k]);
-  }
-  template <typename T>
-  static void add(T* p, T v) {
-    if constexpr (!kAtomic) {
-      *p += v;
-    } else {
-      using I = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-      I* ip = reinterpret_cast<I*>(p);
-      I old = __atomic_load_n(ip, __ATOMIC_RELAXED), nxt;
-      do {
-        T cur;
-        std::memcpy(&cur, &old, sizeof(T));
-        const T s = cur + v;
-        std::memcpy(&nxt, &s, sizeof(T));
-      } while (!__atomic_compare_exchange_n(ip, &old, nxt, /*weak=*/true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
-    }
+      if (t.valid[k] && t.w[k] != T(0)) plane[t.off[k]] += gk[k];
   }
 };
 
-template <typename scalar_t, typename acc_t, bool kAtomic>
+template <typename scalar_t, typename acc_t>
 void rows_per_pixel(const TLTensors& T, const SoftmaxStats<acc_t>* st_tk, int64_t row_lo, int64_t row_hi) {
   const TLParams& P = T.P;
   const acc_t* grad = T.grad.defined() ? T.grad.data_ptr<acc_t>() : nullptr;
@@ -245,7 +228,7 @@ void rows_per_pixel(const TLTensors& T, const SoftmaxStats<acc_t>* st_tk, int64_
   acc_t* gptk = T.g_ptk_acc.defined() ? T.g_ptk_acc.data_ptr<acc_t>() : nullptr;
   acc_t* gfl = T.g_flow.defined() ? T.g_flow.data_ptr<acc_t>() : nullptr;
   acc_t* loss = T.loss_map.defined() ? T.loss_map.data_ptr<acc_t>() : nullptr;
-  CornerScatter<kAtomic> scatter;
+  CornerScatter scatter;
   for (int64_t r = row_lo; r < row_hi; ++r) {
     const TLItem<scalar_t, acc_t> I =
         tl_item<scalar_t, acc_t>(P, r / P.H, T.pt.data_ptr<scalar_t>(), T.ptk.data_ptr<scalar_t>(),
@@ -280,20 +263,14 @@ void run_per_pixel(const TLTensors& T) {
     });
     pst_tk = k;
   }
-  const int nthreads = at::get_num_threads();
-  if (!P.g_ptk || nthreads == 1) {
-    // No scatter, or a single thread: rows may run in any order.
-    at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) {
-      rows_per_pixel<scalar_t, acc_t, false>(T, pst_tk, lo, hi);
-    });
-  } else if (P.B >= nthreads) {
-    // One thread per batch item owns its slice of d pred_tk: deterministic plain adds.
-    at::parallel_for(0, P.B, 1, [&](int64_t lo, int64_t hi) {
-      rows_per_pixel<scalar_t, acc_t, false>(T, pst_tk, lo * P.H, hi * P.H);
-    });
+  if (!P.g_ptk) {
+    // No scatter: rows may run in any order.
+    at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) { rows_per_pixel<scalar_t, acc_t>(T, pst_tk, lo, hi); });
   } else {
-    at::parallel_for(0, nrows, 4, [&](int64_t lo, int64_t hi) {
-      rows_per_pixel<scalar_t, acc_t, true>(T, pst_tk, lo, hi);
+    // One thread per batch item owns its slice of d pred_tk: the same bits for any number of
+    // threads (float64 is the exactness path, not a speed path).
+    at::parallel_for(0, P.B, 1, [&](int64_t lo, int64_t hi) {
+      rows_per_pixel<scalar_t, acc_t>(T, pst_tk, lo * P.H, hi * P.H);
     });
   }
 }

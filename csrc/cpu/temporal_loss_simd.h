@@ -31,7 +31,7 @@ TC_INLINE vf vfloor(vf v) {
 // exp(x) for x <= 0 (softmax arguments, -p r): 2^n * p(r), r = x - n ln2, Cephes' degree-6
 // polynomial (~1 ulp). NaN stays NaN, x < -87.3 gives 0.
 TC_INLINE vf vexp_nonpos(vf x) {
-  const vi keep = x >= -87.3f;  // false for NaN: the result is x * 0 = NaN below
+  const vi keep = x >= -87.3f;  // false for NaN and -inf
   const vf xc = keep ? x : splat(-87.3f);
   const vf n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   const vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
@@ -43,7 +43,7 @@ TC_INLINE vf vexp_nonpos(vf x) {
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
   const vf scale = (vf)((__builtin_convertvector(n, vi) + 127) << 23);
-  return keep ? y * scale : x * 0.f;
+  return keep ? y * scale : (x == x ? vf{} : x);  // below -87.3 (-inf too): 0; NaN: NaN
 }
 
 // Contiguous loads/stores of m <= L elements (a chunk's last vector may be partial: the lanes

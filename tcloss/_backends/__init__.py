@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from .._checks import check_choice
+
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 
 # Kernels written so far, per op: the native op probed in the dispatcher, and whether a Triton
@@ -113,13 +115,24 @@ def _status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
+ENV_BACKEND = "TCLOSS_BACKEND"
+
+
 @torch.compiler.assume_constant_result  # a trace-time decision: keeps torch.compile(fullgraph=True) whole
 def resolve(op: str, device: torch.device, backend: str = "auto") -> str:
-    """The backend a call of ``op`` on ``device`` runs on; a clear error if unavailable."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    """The backend a call of ``op`` on ``device`` runs on; a clear error if unavailable.
+
+    ``backend="auto"`` defers to the environment variable ``TCLOSS_BACKEND`` when it is set;
+    a bad value there is reported as that variable's, not as a bad ``backend=`` argument."""
+    check_choice("backend", backend, ("auto",) + BACKENDS)
+    source = "backend"
     if backend == "auto":
-        backend = os.environ.get("TCLOSS_BACKEND", "auto") or "auto"
+        env = os.environ.get(ENV_BACKEND, "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {ENV_BACKEND} must be one of {('auto',) + BACKENDS} "
+                                 f"(or unset), got {env!r}")
+            backend, source = env, f"backend {env!r} (from the environment variable {ENV_BACKEND})"
     dt = device.type
     if backend == "auto":
         order = AUTO_CUDA_ORDER.get(op, ("cuda", "triton")) if dt == "cuda" else ("cpp",)
@@ -127,13 +140,11 @@ def resolve(op: str, device: torch.device, backend: str = "auto") -> str:
             if _status(name, op, dt)[0]:
                 return name
         return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     ok, why = _status(backend, op, dt)
     if not ok:
         avail = [b for b in BACKENDS if _status(b, op, dt)[0]]
-        raise RuntimeError(f"backend {backend!r} is not available for {op} on {dt} tensors: {why}. "
-                           f"Available here: {avail}")
+        what = f"backend {backend!r}" if source == "backend" else source
+        raise RuntimeError(f"{what} is not available for {op} on {dt} tensors: {why}. Available here: {avail}")
     return backend
 
 
@@ -159,24 +170,31 @@ def available_backends(verbose: bool = False):
 # --- torch.library registration shared by every op's glue module --------------------------------
 
 _REGISTERED: set[str] = set()
+# The public op of each kernel pair's stem (for error messages).
+OP_OF_STEM = {"temporal_loss": "temporal_loss", "convlstm_cell": "convlstm_cell",
+              "pairwise_similarity": "pairwise_similarity_loss"}
 # Triton forward ops by stem, filled at registration (looked up, not imported, inside traced code:
 # torch.compile cannot trace importlib).
 _TRITON_FWD: dict[str, object] = {}
 
 
 def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_autograd, *,
-                     triton_fakes: bool = False, refuse_double_backward: bool = False) -> None:
+                     triton_fakes: bool = False) -> None:
     """Register fake kernels and autograd for the native pair ``tcloss::{stem}_fwd/_bwd`` (when
     ``tcloss._C`` has them) and the Triton pair ``tcloss::{stem}_{fwd,bwd}_triton`` of module
     ``triton_module`` (when Triton imports). ``make_autograd(bwd_op) -> (setup_context,
     backward)``. ``triton_fakes``: give the Triton ops explicit fakes instead of traced ones.
-    ``refuse_double_backward``: the bwd ops raise a clear error when differentiated. Idempotent."""
+    The bwd ops of every kernel backend refuse double backward with one clear error (their
+    kernels are not differentiable). Idempotent."""
     if stem in _REGISTERED:
         return
     _REGISTERED.add(stem)
+    op_name = OP_OF_STEM.get(stem, stem)
 
     def refuse(ctx, *grads):
-        raise RuntimeError(f"tcloss: double backward through {stem} is not supported")
+        raise RuntimeError(f"tcloss: double backward through {op_name} is not supported by its kernel backends "
+                           f"(cpp, cuda, triton): their backward is not differentiable. For higher-order "
+                           f"gradients use backend='reference'.")
 
     def no_context(ctx, inputs, output):
         pass
@@ -186,8 +204,7 @@ def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_aut
         torch.library.register_fake(f"tcloss::{stem}_bwd")(fake_bwd)
         sc, bw = make_autograd(getattr(torch.ops.tcloss, f"{stem}_bwd"))
         torch.library.register_autograd(f"tcloss::{stem}_fwd", bw, setup_context=sc)
-        if refuse_double_backward:
-            torch.library.register_autograd(f"tcloss::{stem}_bwd", refuse, setup_context=no_context)
+        torch.library.register_autograd(f"tcloss::{stem}_bwd", refuse, setup_context=no_context)
     try:
         mod = importlib.import_module(f".{triton_module}", __name__)
     except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
@@ -199,8 +216,7 @@ def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_aut
         bwd.register_fake(fake_bwd)
     sc, bw = make_autograd(bwd)
     fwd.register_autograd(bw, setup_context=sc)
-    if refuse_double_backward:
-        bwd.register_autograd(refuse, setup_context=no_context)
+    bwd.register_autograd(refuse, setup_context=no_context)
 
 
 def fwd_op(stem: str, triton_module: str, backend: str):

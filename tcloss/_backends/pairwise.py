@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import pow2_scale
 from . import fwd_op as _fwd_op
 from . import register_op_pair
 
@@ -84,22 +85,32 @@ def choose_algorithm(algorithm: str, loss: str, backend: str, Na: int, Nb: int, 
 
 
 def normalize_rows(x: torch.Tensor, eps: float, acc: torch.dtype):
-    """(B,C,N) -> unit rows (B,N,C) contiguous in ``acc`` and the norms (B,N,1)."""
+    """(B,C,N) -> unit rows (B,N,C) contiguous in ``acc``, and ``(ns, s)`` for backward: the norms
+    ``ns`` (B,N,1) of the rows scaled by ``s`` (B,N,1), the power of two of
+    :func:`tcloss.reference.pow2_scale`, so ``||x|| = ns / s`` never has to be formed (it
+    overflows for large finite features). Unit rows ``xs / max(ns, eps s)``, ``xs = x s``: the
+    bits of ``x / max(||x||, eps)`` wherever that does not overflow."""
     xt = x.to(acc).transpose(1, 2)
-    n = torch.linalg.vector_norm(xt, dim=2, keepdim=True)
-    return (xt / n.clamp_min(eps)).contiguous(), n
+    s = pow2_scale(xt, 2)
+    xs = xt * s
+    ns = torch.linalg.vector_norm(xs, dim=2, keepdim=True)
+    return (xs / torch.maximum(ns, eps * s)).contiguous(), (ns, s)
 
 
-def norm_backward(g: torch.Tensor, xh: torch.Tensor, n: torch.Tensor, eps: float, detach_norm: bool,
+def norm_backward(g: torch.Tensor, xh: torch.Tensor, norms, eps: float, detach_norm: bool,
                   dtype: torch.dtype) -> torch.Tensor:
-    """d/dx of ``xh = x / max(|x|, eps)`` given ``g`` = d/d xh (B,N,C); returns (B,C,N) in ``dtype``.
+    """d/dx of ``xh = x / max(|x|, eps)`` given ``g`` = d/d xh (B,N,C) and ``norms = (ns, s)`` of
+    :func:`normalize_rows`; returns (B,C,N) in ``dtype``.
 
-    Where |x| >= eps: ``(g - xh <xh, g>) / |x|`` (exact), else ``g / eps``; ``detach_norm``:
-    ``g / max(|x|, eps)``. The same rule as autograd through clamp_min (ties pass through)."""
-    nc = n.clamp_min(eps)
+    Where |x| > eps: ``(g - xh <xh, g>) / |x|`` (exact), else ``g / eps``; ``detach_norm``:
+    ``g / max(|x|, eps)``. The same rule as autograd through the reference's clamp (a tie
+    counts as clamped). Every ``1/|x|`` is applied as ``(. / max(ns, eps s)) * s``: no overflow."""
+    ns, s = norms
+    floor = eps * s
+    nc = torch.maximum(ns, floor)
     if detach_norm:
-        dx = g / nc
+        dx = g / nc * s
     else:
-        full = (g - xh * (xh * g).sum(2, keepdim=True)) / nc
-        dx = torch.where(n >= eps, full, g / nc)
+        full = (g - xh * (xh * g).sum(2, keepdim=True)) / nc * s
+        dx = torch.where(ns > floor, full, g / nc * s)
     return dx.transpose(1, 2).to(dtype).contiguous()

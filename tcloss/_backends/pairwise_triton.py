@@ -11,6 +11,8 @@ writer of its rows of the gradient (no atomics, deterministic).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -165,7 +167,14 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check(sa, ta, sb, tb):
+def _check(sa, ta, sb, tb, loss, temperature, eps):
+    # the native ops' host checks (csrc/pairwise_host.h), for a direct call of the op
+    if loss not in (0, 1):
+        raise ValueError("pairwise_similarity: loss must be 0 (mse) or 1 (kl)")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError("pairwise_similarity: temperature must be a finite positive number")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError("pairwise_similarity: eps must be a finite non-negative number")
     for n, t in (("teacher_a", ta), ("student_b", sb), ("teacher_b", tb)):
         if t.dim() != 3 or t.shape[0] != sa.shape[0]:
             raise ValueError(f"{n} must be (B,C,N) with the batch of student_a, got {tuple(t.shape)}")
@@ -180,7 +189,7 @@ def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: torch
                                    temperature: float, eps: float,
                                    detach_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the native ``tcloss::pairwise_similarity_fwd``."""
-    _check(sa, ta, sb, tb)
+    _check(sa, ta, sb, tb, loss, temperature, eps)
     acc = _acc(sa)
     B, Cs, Na = sa.shape
     Ct, Nb = ta.shape[1], sb.shape[2]
@@ -205,7 +214,7 @@ def pairwise_similarity_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: tor
                                    detach_norm: bool, grad_a: bool,
                                    grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the native ``tcloss::pairwise_similarity_bwd``."""
-    _check(sa, ta, sb, tb)
+    _check(sa, ta, sb, tb, loss, temperature, eps)
     acc = _acc(sa)
     B, Cs, Na = sa.shape
     Ct, Nb = ta.shape[1], sb.shape[2]

@@ -58,7 +58,7 @@ def _make_autograd(bwd_op):
 def register() -> None:
     """Register fake + autograd implementations (idempotent)."""
     register_op_pair("temporal_loss", "temporal_loss_triton", _fake, _fake_bwd, _make_autograd,
-                     triton_fakes=True, refuse_double_backward=True)
+                     triton_fakes=True)
 
 
 def fwd_op(backend: str):

@@ -30,6 +30,8 @@ interpreter run under torch.compile, which the tests now do.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -142,7 +144,9 @@ def _temporal_loss_kernel(
         r = tl.abs(r)
     elif MASK_MODE == 2:
         r = tl.sqrt(r)
-    vp = tl.exp(-mask_power * r)
+    # V^p = exp(-p r); p = 0 gives 1 even where r is infinite or NaN (V^0 = 1, as the reference's
+    # pow and the native kernels), not exp(-0 * inf) = NaN
+    vp = tl.where(mask_power == 0, 1.0, tl.exp(-mask_power * r))
 
     # Per-pixel offsets of pixel i and of the four corners in a (B,C,H,W) tensor; channel c
     # adds c*HW. Corners outside the image read 0 (their weight a_k is 0).
@@ -313,6 +317,8 @@ def _scatter(gptk_ptr, off, a, emit, q, dq, sq, ON_PROB: tl.constexpr):
 
 def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power, zeros_padding,
             reduction, g_pt, g_ptk, g_flow, write_loss=True):
+    if not (math.isfinite(mask_power) and mask_power >= 0):  # as the native ops' host check
+        raise ValueError(f"tcloss: mask_power must be a finite non-negative number, got {mask_power}")
     B, C, H, W = pred_t.shape
     acc = torch.float64 if pred_t.dtype == torch.float64 else torch.float32
     pt, ptk = pred_t.contiguous(), pred_tk.contiguous()
