@@ -13,6 +13,7 @@ from .functional import convlstm_cell
 _temporal_loss_glue.register()
 _pairwise_glue.register()
 _convlstm_glue.register()
+_backends.warn_if_build_incomplete()
 
 from . import metrics, nn, reference  # noqa: E402
 

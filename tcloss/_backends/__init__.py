@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import json
 import os
+import warnings
 
 import torch
 
@@ -40,15 +43,69 @@ AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
 
 
 @functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    """What setup.py tried and built (``tcloss/_build_info.json``), or {} for a tree never built
+    by it (the file is written by every build of the extension, in place or installed)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _build_errors(info: dict) -> str:
+    return "; ".join(info.get("errors", [])) or "no error recorded"
+
+
+def missing_native_reason(info: dict, installed: bool) -> str:
+    """Why ``tcloss._C`` is not there, in plain words, from the build record."""
+    fix = "reinstall with a C++ compiler and torch present: pip install --no-build-isolation ."
+    if installed:
+        return f"tcloss._C is installed but does not load; {fix}"
+    if not info:
+        return f"tcloss._C was never built here (no build record: TCLOSS_BUILD_EXT=0, or torch was missing at build time); {fix}"
+    return f"tcloss._C failed to build ({_build_errors(info)}); {fix}"
+
+
+def build_warning(info: dict, native_ok: bool, cuda_kernels: bool) -> str | None:
+    """The one warning ``import tcloss`` gives when a kernel backend the build attempted is
+    missing (None when everything attempted is there, or nothing was recorded)."""
+    if not info:
+        return None
+    if not native_ok:
+        return f"tcloss: the native kernels are missing, running on Triton/reference: {missing_native_reason(info, False)}"
+    if info.get("cuda_attempted") and not cuda_kernels:
+        return (f"tcloss: the CUDA kernels failed to build ({_build_errors(info)}); the cuda backend is missing, "
+                f"CUDA tensors run on Triton/reference")
+    return None
+
+
+def warn_if_build_incomplete() -> None:
+    """Called once by ``import tcloss``: a RuntimeWarning if a kernel backend the build attempted
+    is missing (not when the user disabled the extension)."""
+    if os.environ.get("TCLOSS_DISABLE_NATIVE", "0") not in ("", "0"):
+        return
+    ok = native_status()[0]
+    msg = build_warning(build_info(), ok, ok and _has_native_kernel("tcloss::temporal_loss_fwd", "CUDA"))
+    if msg:
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
 def native_status() -> tuple[bool, str]:
     """(loaded, reason) for the native extension ``tcloss._C``."""
     if os.environ.get("TCLOSS_DISABLE_NATIVE", "0") not in ("", "0"):
         return False, "disabled by TCLOSS_DISABLE_NATIVE"
+    # find the file first: importing a missing _C from inside tcloss's own import reports a
+    # misleading "partially initialized module (circular import)"
+    if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C") is None:
+        return False, missing_native_reason(build_info(), installed=False)
     try:
         from .. import _C  # noqa: F401  (loading registers the ops)
     except ImportError as e:
-        return False, f"tcloss._C not built or not loadable ({e}); reinstall with a C++ compiler: " \
-                      "pip install --no-build-isolation ."
+        return False, f"tcloss._C does not load ({e}); was it built against another torch? " \
+                      f"{missing_native_reason(build_info(), installed=True)}"
     except OSError as e:
         return False, f"tcloss._C failed to load ({e}); was it built against another torch?"
     return True, "ok"
@@ -101,7 +158,12 @@ def _status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
         if not ok:
             return False, why
         if not _has_native_kernel(spec["native"], "CUDA"):
-            return False, "tcloss._C was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
+            info = build_info()
+            if info.get("cuda_attempted"):
+                return False, f"tcloss._C's CUDA kernels failed to build ({_build_errors(info)})"
+            why = info.get("cuda_note") or (_build_errors(info) if info.get("errors") else
+                                             "no nvcc or a CPU-only torch at build time")
+            return False, f"tcloss._C was built without CUDA kernels ({why})"
         return True, "ok"
     if backend == "triton":
         if not spec.get("triton"):

@@ -1,0 +1,65 @@
+"""The install's self-report: `python -m tcloss`, the build record (tcloss/_build_info.json) and
+the reasons and the import-time warning derived from it (issue 13: a failed native build must
+never be silent)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import tcloss
+from tcloss import _backends as B
+
+FAILED_CUDA = {"torch": "2.x", "cuda_attempted": True, "cuda_built": False, "cpu_built": True,
+               "errors": ["CUDA build failed: command 'nvcc' failed with exit code 1"]}
+FAILED_ALL = {"torch": "2.x", "cuda_attempted": False, "cuda_built": False, "cpu_built": False,
+              "errors": ["CPU build failed: command 'c++' failed with exit code 1"]}
+
+
+def test_python_m_tcloss_reports_every_op_backend_and_auto():
+    out = subprocess.run([sys.executable, "-m", "tcloss"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert f"tcloss {tcloss.__version__}" in text and "torch " in text and "native build:" in text
+    for op in B.OPS:
+        assert f"{op}" in text
+    assert text.count("auto -> ") == 2 * len(B.OPS)
+    if B.native_status()[0]:
+        assert "tcloss._C: loaded" in text and "cpp       ok" in text
+    else:
+        assert B.native_status()[1] in text
+
+
+def test_missing_extension_reason_names_the_build_error_and_the_fix():
+    why = B.missing_native_reason(FAILED_ALL, installed=False)
+    assert "failed to build" in why and "c++' failed" in why and "pip install --no-build-isolation" in why
+    assert "never built" in B.missing_native_reason({}, installed=False)
+    assert "does not load" in B.missing_native_reason(FAILED_ALL, installed=True)
+
+
+def test_import_warning_only_when_an_attempted_backend_is_missing():
+    assert B.build_warning({}, native_ok=False, cuda_kernels=False) is None  # no record: nothing to say
+    assert B.build_warning(FAILED_CUDA, native_ok=True, cuda_kernels=True) is None
+    msg = B.build_warning(FAILED_CUDA, native_ok=True, cuda_kernels=False)
+    assert "CUDA kernels failed to build" in msg and "nvcc' failed" in msg
+    msg = B.build_warning(FAILED_ALL, native_ok=False, cuda_kernels=False)
+    assert "native kernels are missing" in msg and "c++' failed" in msg
+    ok = {"cuda_attempted": False, "cpu_built": True, "errors": []}
+    assert B.build_warning(ok, native_ok=True, cuda_kernels=False) is None  # CUDA never attempted
+
+
+def test_warning_is_raised_at_import_from_the_record(monkeypatch):
+    monkeypatch.setattr(B, "build_info", lambda: FAILED_CUDA)
+    monkeypatch.setattr(B, "_has_native_kernel", lambda op, key: False)
+    monkeypatch.setattr(B, "native_status", lambda: (True, "ok"))
+    with pytest.warns(RuntimeWarning, match="CUDA kernels failed to build"):
+        B.warn_if_build_incomplete()
+
+
+def test_this_build_recorded_what_it_built():
+    info = B.build_info()
+    if not info:
+        pytest.skip("no build record: the extension was not built by setup.py here")
+    assert info["cpu_built"] == B.native_status()[0]
+    assert {"torch", "cuda_attempted", "cuda_built", "errors"} <= set(info)
