@@ -63,3 +63,19 @@ def test_this_build_recorded_what_it_built():
         pytest.skip("no build record: the extension was not built by setup.py here")
     assert info["cpu_built"] == B.native_status()[0]
     assert {"torch", "cuda_attempted", "cuda_built", "errors"} <= set(info)
+
+
+def test_extension_built_against_another_torch_is_refused_with_the_fix(monkeypatch):
+    """An isolated `pip install .` may build _C against another torch than the user's: that is
+    reported (with the command that fixes it) instead of loading an incompatible library."""
+    monkeypatch.setattr(B, "build_info", lambda: {"torch": "0.0.1", "cpu_built": True, "errors": []})
+    B.native_status.cache_clear()
+    try:
+        if B.importlib.util.find_spec("tcloss._C") is None:
+            pytest.skip("no extension here")
+        ok, why = B.native_status()
+        assert not ok and "built against torch 0.0.1" in why and "--no-build-isolation" in why
+    finally:
+        monkeypatch.undo()
+        B.native_status.cache_clear()
+    assert B.native_status()[0]

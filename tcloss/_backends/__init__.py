@@ -101,6 +101,11 @@ def native_status() -> tuple[bool, str]:
     # misleading "partially initialized module (circular import)"
     if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C") is None:
         return False, missing_native_reason(build_info(), installed=False)
+    built_for = build_info().get("torch")
+    if built_for and built_for != torch.__version__:
+        # an extension built against another torch (e.g. by pip's isolated build) breaks on load
+        return False, (f"tcloss._C was built against torch {built_for} but this is torch {torch.__version__}; "
+                       f"rebuild it against yours: pip install --no-build-isolation --force-reinstall .")
     try:
         from .. import _C  # noqa: F401  (loading registers the ops)
     except ImportError as e:
