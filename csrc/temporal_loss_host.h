@@ -9,9 +9,14 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/where.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "kernels/temporal_loss.h"
@@ -39,6 +44,14 @@ inline at::Tensor tl_softmax_stats_buffer(const TLParams& P, const at::Tensor& l
   return at::empty({P.B, P.H, P.W, 2}, like.options());
 }
 
+// img.to(acc) with finite float64 values beyond float32's range clamped to its largest finite
+// value rather than turned into inf (reference.saturate_to).
+inline at::Tensor tl_saturate_to(const at::Tensor& img, at::ScalarType acc) {
+  if (!(img.scalar_type() == at::kDouble && acc == at::kFloat)) return img.to(acc);
+  const double m = std::numeric_limits<float>::max();
+  return at::where(at::isfinite(img), at::clamp(img, -m, m), img).to(acc);
+}
+
 inline TLTensors tl_prepare(const at::Tensor& pred_t, const at::Tensor& pred_tk, const at::Tensor& flow,
                             const at::Tensor& img_t, const at::Tensor& img_tk, bool on_prob,
                             int64_t mask_mode, double mask_power, bool zeros_padding, bool g_pt,
@@ -59,13 +72,18 @@ inline TLTensors tl_prepare(const at::Tensor& pred_t, const at::Tensor& pred_tk,
     TORCH_CHECK(t->device() == pred_t.device(), "tcloss: all inputs must be on ", pred_t.device());
   TLTensors T;
   const auto acc = acc_type_of(pred_t.scalar_type());
+  // float32 kernels: a positive mask_power stays positive and finite in float32 (below its
+  // smallest subnormal it would round to 0 and make V^p = 1 where V = 0)
+  if (acc == at::kFloat && mask_power > 0)
+    mask_power = std::min(std::max(mask_power, double(std::numeric_limits<float>::denorm_min())),
+                          double(std::numeric_limits<float>::max()));
   T.P = TLParams{B, C, img_t.size(1), H, W, on_prob, static_cast<int>(mask_mode), mask_power,
                  zeros_padding, g_pt, g_ptk, g_flow};
   T.pt = pred_t.contiguous();
   T.ptk = pred_tk.contiguous();
   T.flow = flow.to(acc).contiguous();
-  T.it = img_t.to(acc).contiguous();
-  T.itk = img_tk.to(acc).contiguous();
+  T.it = tl_saturate_to(img_t, acc).contiguous();
+  T.itk = tl_saturate_to(img_tk, acc).contiguous();
   auto opts = pred_t.options().dtype(acc);
   if (g_pt) T.g_pt = at::empty_like(T.pt);
   if (g_ptk) T.g_ptk_acc = at::zeros(pred_tk.sizes(), opts);

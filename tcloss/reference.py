@@ -16,45 +16,80 @@ PADDINGS = ("border", "zeros")
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def _grid(flow: torch.Tensor) -> torch.Tensor:
-    """Normalised sampling grid (align_corners=True) of ``x + flow``; (B,H,W,2)."""
-    B, _, H, W = flow.shape
-    ys = torch.arange(H, device=flow.device, dtype=flow.dtype).view(1, H, 1)
-    xs = torch.arange(W, device=flow.device, dtype=flow.dtype).view(1, 1, W)
-    px = xs + flow[:, 0]
-    py = ys + flow[:, 1]
-    # align_corners=True maps -1 -> pixel 0 and +1 -> pixel W-1.
-    gx = px * (2.0 / (W - 1)) - 1.0
-    gy = py * (2.0 / (H - 1)) - 1.0
-    return torch.stack((gx, gy), dim=-1)
+def saturate_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` with finite values beyond ``dtype``'s range clamped to its largest finite
+    value (a float64 image of 1e300 stays a huge finite number in float32, not inf); inf and NaN
+    are kept."""
+    if not dtype.is_floating_point or torch.finfo(x.dtype).max <= torch.finfo(dtype).max:
+        return x.to(dtype)
+    m = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(x), x.clamp(-m, m), x).to(dtype)
 
 
 def flow_warp(x: torch.Tensor, flow: torch.Tensor, padding: str = "border") -> torch.Tensor:
     """Bilinear backward warp: ``out[b,c,y,x] = x[b,c](y + flow[b,1,y,x], x + flow[b,0,y,x])``.
 
-    ``padding="border"`` clamps samples to the image (``grid_sample(align_corners=True,
-    padding_mode="border")``); ``"zeros"`` reads 0 outside. Computed in ``flow``'s dtype
-    promoted with ``x``'s.
+    ``padding="border"`` clamps the sample point to the image, with no gradient on or beyond the
+    border (as ``grid_sample(align_corners=True, padding_mode="border")``); ``"zeros"`` reads 0
+    outside. The four corners and their weights are computed from pixel coordinates directly
+    (``grid_sample``'s normalise/unnormalise round trip leaves weights of ~1e-7 on neighbours of
+    an integer sample point, which a huge neighbour value turns into a large error). A sample
+    point that is not finite gives NaN. Returned in ``flow``'s dtype promoted with ``x``'s,
+    computed in at least float32 (a float16 coordinate overflows at flows of a few 1e4 pixels).
     """
     dtype = torch.promote_types(x.dtype, flow.dtype)
-    return F.grid_sample(x.to(dtype), _grid(flow.to(dtype)), mode="bilinear", padding_mode=padding,
-                         align_corners=True)
+    work = torch.promote_types(dtype, torch.float32)
+    x, flow = x.to(work), flow.to(work)
+    B, C, H, W = x.shape
+    px = torch.arange(W, device=x.device, dtype=work).view(1, 1, W) + flow[:, 0]
+    py = torch.arange(H, device=x.device, dtype=work).view(1, H, 1) + flow[:, 1]
+    finite = torch.isfinite(px) & torch.isfinite(py)
+    if padding == "border":
+        # clamped coordinates carry no gradient, on the border included (grid_sample's rule)
+        px = torch.where((px > 0) & (px < W - 1), px, px.detach().clamp(0, W - 1))
+        py = torch.where((py > 0) & (py < H - 1), py, py.detach().clamp(0, H - 1))
+    else:
+        # far outside every corner is outside: any point there (finite, in index range) will do
+        outside = ~(finite & (px >= -1) & (px <= W) & (py >= -1) & (py <= H))
+        px = torch.where(outside, torch.full_like(px, -2.0), px)
+        py = torch.where(outside, torch.full_like(py, -2.0), py)
+    px = torch.where(finite, px, torch.zeros_like(px))
+    py = torch.where(finite, py, torch.zeros_like(py))
+    fx, fy = px.detach().floor(), py.detach().floor()
+    tx, ty = px - fx, py - fy
+    x0, y0 = fx.long(), fy.long()
+    flat = x.reshape(B, C, H * W)
+    out = torch.zeros_like(x)
+    for dx, dy, wgt in ((0, 0, (1 - tx) * (1 - ty)), (1, 0, tx * (1 - ty)), (0, 1, (1 - tx) * ty), (1, 1, tx * ty)):
+        xi, yi = x0 + dx, y0 + dy
+        valid = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
+        idx = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).reshape(B, 1, H * W).expand(B, C, H * W)
+        corner = flat.gather(2, idx).view(B, C, H, W)
+        out = out + torch.where(valid.unsqueeze(1), wgt.unsqueeze(1) * corner, torch.zeros_like(corner))
+    out = torch.where(finite.unsqueeze(1), out, torch.full_like(out, float("nan")))
+    return out.to(dtype)
+
+
+def occlusion_residual(img_t: torch.Tensor, img_tk: torch.Tensor, flow: torch.Tensor, mode: str = "signed_sum",
+                       padding: str = "border") -> torch.Tensor:
+    """``r`` of the occlusion mask ``V = exp(-r)`` (B,1,H,W): ``d = img_t - flow_warp(img_tk, flow)``,
+    ``r = |sum_c d_c|`` (signed_sum, the released code), ``sum_c |d_c|`` (l1) or ``sqrt(sum_c d_c^2)`` (l2)."""
+    # both images in one dtype (img_t's, img_tk's and flow's promoted): rounded alike
+    dtype = torch.promote_types(torch.promote_types(img_t.dtype, img_tk.dtype), flow.dtype)
+    d = img_t.to(dtype) - flow_warp(img_tk.to(dtype), flow, padding)
+    if mode == "signed_sum":
+        return d.sum(1, keepdim=True).abs()
+    if mode == "l1":
+        return d.abs().sum(1, keepdim=True)
+    if mode == "l2":
+        return d.pow(2).sum(1, keepdim=True).sqrt()
+    raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
 
 
 def occlusion_mask(img_t: torch.Tensor, img_tk: torch.Tensor, flow: torch.Tensor, mode: str = "signed_sum",
                    padding: str = "border") -> torch.Tensor:
-    """``V = exp(-r)`` with ``d = img_t - flow_warp(img_tk, flow)`` and ``r`` = ``|sum_c d_c|``
-    (signed_sum, the released code), ``sum_c |d_c|`` (l1) or ``sqrt(sum_c d_c^2)`` (l2). (B,1,H,W)."""
-    d = img_t.to(flow.dtype) - flow_warp(img_tk, flow, padding)
-    if mode == "signed_sum":
-        r = d.sum(1, keepdim=True).abs()
-    elif mode == "l1":
-        r = d.abs().sum(1, keepdim=True)
-    elif mode == "l2":
-        r = d.pow(2).sum(1, keepdim=True).sqrt()
-    else:
-        raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
-    return torch.exp(-r)
+    """``V = exp(-r)``, r = :func:`occlusion_residual`. (B,1,H,W)."""
+    return torch.exp(-occlusion_residual(img_t, img_tk, flow, mode, padding))
 
 
 def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tensor, img_t: torch.Tensor,
@@ -72,8 +107,15 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
     finite = torch.isfinite(flow).all(1)  # (B,H,W)
     flow_safe = torch.where(finite.unsqueeze(1), flow, torch.zeros_like(flow))
     with torch.no_grad():
-        v = occlusion_mask(img_t.to(acc), img_tk.to(acc), flow_safe.detach(), mode=mask_mode, padding=padding)
-        vp = v.pow(mask_power)[:, 0] if mask_power != 1 else v[:, 0]
+        r = occlusion_residual(saturate_to(img_t, acc), saturate_to(img_tk, acc), flow_safe.detach(), mode=mask_mode,
+                               padding=padding)[:, 0]
+        # V^p = exp(-p r), not exp(-r)^p: exp(-r) underflows to 0 long before exp(-p r) does for a
+        # small p; V^0 = 1 even where r is infinite
+        if mask_power == 0:
+            vp = torch.ones_like(r)
+        else:  # p as a positive number of r's dtype (1e-46 would round to 0 in float32), as the kernels
+            fi = torch.finfo(r.dtype)
+            vp = torch.exp(-min(max(float(mask_power), fi.smallest_normal * fi.eps), fi.max) * r)
     zt, ztk = pred_t.to(acc), pred_tk.to(acc)
     if detach_target:
         ztk = ztk.detach()

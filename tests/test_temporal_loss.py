@@ -626,3 +626,20 @@ def test_bad_environment_backend_names_the_variable(monkeypatch):
     torch.testing.assert_close(tcloss.temporal_loss(*_good(), backend="reference"), R.temporal_loss(*_good()))
     monkeypatch.setenv("TCLOSS_BACKEND", "")
     tcloss.temporal_loss(*_good())
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+def test_tiny_mask_power_is_not_rounded_to_zero(backend, device):
+    """V^p = exp(-p r) with p = 1e-46 (below float32's smallest subnormal): ~1 where r is finite
+    and 0 where r overflows float32 (images of 3e38), not V^0 = 1 everywhere (p rounded to 0)
+    nor 0 everywhere (exp(-r)^p with exp(-r) underflowed)."""
+    pt, ptk, fl, it, itk = make_inputs(1, 3, 5, 6, dtype=torch.float32, device=device, seed=4)
+    fl = torch.zeros_like(fl)
+    it, itk = it.clone() * 1e3, itk.clone()
+    it[0, :, 1, 1], itk[0, :, 1, 1] = 3e38, -3e38
+    got = tcloss.temporal_loss(pt, ptk, fl, it, itk, mask_power=1e-46, reduction="none", backend=backend)
+    plain = tcloss.temporal_loss(pt, ptk, fl, it, itk, mask_power=0, reduction="none", backend=backend)
+    assert got[0, 1, 1] == 0 and plain[0, 1, 1] > 0
+    keep = torch.ones_like(got, dtype=torch.bool)
+    keep[0, 1, 1] = False
+    torch.testing.assert_close(got[keep], plain[keep])

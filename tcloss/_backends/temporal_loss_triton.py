@@ -37,7 +37,10 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
+from ..reference import saturate_to
+
 NUM_WARPS = 4  # BLOCK_P = 32 * NUM_WARPS pixels a program
+_F32_TINY, _F32_MAX = float(torch.finfo(torch.float32).smallest_normal) * 2.0 ** -23, float(torch.finfo(torch.float32).max)
 TILE_W = 32  # the main kernel's programs are (BLOCK_P // TILE_W) x TILE_W tiles
 
 
@@ -319,11 +322,13 @@ def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask
             reduction, g_pt, g_ptk, g_flow, write_loss=True):
     if not (math.isfinite(mask_power) and mask_power >= 0):  # as the native ops' host check
         raise ValueError(f"tcloss: mask_power must be a finite non-negative number, got {mask_power}")
+    if mask_power > 0:  # the scalar reaches the kernel as float32: keep it positive and finite there
+        mask_power = min(max(mask_power, _F32_TINY), _F32_MAX)
     B, C, H, W = pred_t.shape
     acc = torch.float64 if pred_t.dtype == torch.float64 else torch.float32
     pt, ptk = pred_t.contiguous(), pred_tk.contiguous()
     fl = flow.to(acc).contiguous()
-    it, itk = img_t.to(acc).contiguous(), img_tk.to(acc).contiguous()
+    it, itk = saturate_to(img_t, acc).contiguous(), saturate_to(img_tk, acc).contiguous()
     CI = it.shape[1]
     loss = torch.empty((B, H, W) if write_loss else (1,), device=pt.device, dtype=acc)
     gpt = torch.empty_like(pt) if g_pt else None
