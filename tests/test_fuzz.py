@@ -443,8 +443,12 @@ def test_fuzz_flow_warp_and_occlusion_mask(data):
     m = tcloss.occlusion_mask(layout(it0, lx), layout(itk0, lx), fl, mode=mode, padding=padding)
     assert m.shape == (B, 1, H, W)
     mw = occlusion64(it0.double(), itk0.double(), fl0.to(dt).double(), mode, padding)
-    # V = exp(-r): an absolute error dr of r is a relative error dr of V
-    check_close(m, mw, atol + (pos_err + eps) * 8 * C, rtol + (pos_err + eps) * 8 * C * 4, "occlusion_mask")
+    # V = exp(-r): an absolute error dr of r is a relative error dr of V. The warp goes through
+    # grid_sample's normalised grid, which leaves weights of ~1e-7 (float32 eps) on the neighbours
+    # of an integer sample point (documented in reference.flow_warp): with images of ~3e38 that
+    # alone moves r by far more than 1, so V is only bounded there.
+    gs_err = 4 * torch.finfo(torch.float32).eps * C * max(finite_absmax(it0), finite_absmax(itk0))
+    check_close(m, mw, atol + (pos_err + eps) * 8 * C + gs_err, rtol + (pos_err + eps) * 8 * C * 4, "occlusion_mask")
 
 
 # ------------------------------------------------------------------------- pairwise_similarity_loss
