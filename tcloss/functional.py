@@ -14,8 +14,6 @@ from ._backends import convlstm as _cl
 __all__ = ["flow_warp", "occlusion_mask", "temporal_loss", "pairwise_similarity_loss", "pixelwise_kd",
            "convlstm_cell"]
 
-_FLT_MAX = float(torch.finfo(torch.float32).max)
-
 
 _check_tensor = check_tensor  # short local names of the shared checks (tcloss._checks)
 _check_choice = check_choice
@@ -136,15 +134,9 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
                                        reduction=reduction)
     if detach_target:
         pred_tk = pred_tk.detach()
-    # The float kernels (and Triton's scalar argument) hold mask_power as a float32: a finite power
-    # beyond its range would become inf there (and inf * 0 a NaN at V = 1); FLT_MAX gives the
-    # reference's V^p.
-    power = float(mask_power)
-    if pred_t.dtype != torch.float64 or name == "triton":
-        power = min(power, _FLT_MAX)
     # forward: the loss only (gradients come from one recomputing pass in backward)
     out = _tl.fwd_op(name)(pred_t, pred_tk, flow, img_t.detach(), img_tk.detach(), on == "prob",
-                           _tl.MASK_MODE[mask_mode], power, padding == "zeros",
+                           _tl.MASK_MODE[mask_mode], float(mask_power), padding == "zeros",
                            _tl.REDUCTION[reduction], False, False, False)
     return out[0]
 
