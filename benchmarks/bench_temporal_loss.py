@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tcloss
 from conftest import (HAS_CUDA, backend_params, backends_for, busy_neighbour, cpu_copy_bandwidth, peak_extra,
@@ -23,12 +24,20 @@ CPU_SHAPES = [(2, 19, 256, 512), (1, 19, 512, 1024)]
 GPU_SHAPES = [(8, 19, 512, 1024), (8, 19, 769, 769)]
 
 
-def make(shape, device, dtype=torch.float32, seed=0):
+def make(shape, device, dtype=torch.float32, seed=0, flow="iid"):
+    """Inputs of the benchmark (pred_t, pred_tk and flow require grad). ``flow="iid"``:
+    independent N(0, 8^2) displacements per pixel, the worst case for the gathers (the suite's);
+    ``"smooth"``: a random field at 1/32 resolution upsampled bilinearly, 8 px standard
+    deviation, as optical flow of real video is locally smooth."""
     B, C, H, W = shape
     g = torch.Generator(device=device).manual_seed(seed)
     pt = torch.randn(B, C, H, W, device=device, dtype=dtype, generator=g)
     ptk = torch.randn(B, C, H, W, device=device, dtype=dtype, generator=g)
-    fl = torch.randn(B, 2, H, W, device=device, generator=g) * 8
+    if flow == "iid":
+        fl = torch.randn(B, 2, H, W, device=device, generator=g) * 8
+    else:
+        coarse = torch.randn(B, 2, max(H // 32, 2), max(W // 32, 2), device=device, generator=g) * 8
+        fl = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False).contiguous()
     it = torch.rand(B, 3, H, W, device=device, generator=g)
     itk = torch.rand(B, 3, H, W, device=device, generator=g)
     return pt.requires_grad_(True), ptk.requires_grad_(True), fl.requires_grad_(True), it, itk

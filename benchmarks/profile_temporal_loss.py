@@ -1,13 +1,10 @@
 """Times the temporal loss on the GPU per backend, pass, dtype and flow field, with CUDA events
-(median of --iters after warm-up), and prints each time beside its speed of light (compulsory
-bytes / the device's measured copy bandwidth). --once runs one forward+backward of each
-backend and nothing else (for ncu).
+(median of --iters after warm-up), and prints each time beside its speed of light. Inputs,
+compulsory bytes and the copy bandwidth are the benchmark suite's (bench_temporal_loss.make and
+compulsory_bytes, conftest.copy_bandwidth); flows "iid" (the suite's) and "smooth" (see make).
+--once runs one forward+backward of each backend and nothing else (for ncu).
 
-Flows: "iid" is the benchmark suite's (independent N(0, 8^2) pixels per pixel: the worst case
-for the gathers); "smooth" is a random field at 1/32 resolution upsampled bilinearly, 8 px
-standard deviation, as optical flow of real video is locally smooth.
-
-    python3 scripts/profile_temporal_loss.py [--shape 8 19 512 1024] [--once]
+    python3 benchmarks/profile_temporal_loss.py [--shape 8 19 512 1024] [--once]
 """
 from __future__ import annotations
 
@@ -15,45 +12,10 @@ import argparse
 import itertools
 
 import torch
-import torch.nn.functional as F
 
 import tcloss
-
-
-def make(shape, flow, dtype, seed=0):
-    B, C, H, W = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    pt = torch.randn(B, C, H, W, device="cuda", generator=g).to(dtype)
-    ptk = torch.randn(B, C, H, W, device="cuda", generator=g).to(dtype)
-    if flow == "iid":
-        fl = torch.randn(B, 2, H, W, device="cuda", generator=g) * 8
-    else:
-        coarse = torch.randn(B, 2, max(H // 32, 2), max(W // 32, 2), device="cuda", generator=g) * 8
-        fl = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False).contiguous()
-    it = torch.rand(B, 3, H, W, device="cuda", generator=g)
-    itk = torch.rand(B, 3, H, W, device="cuda", generator=g)
-    return pt, ptk, fl, it, itk
-
-
-def compulsory_bytes(inputs, backward):
-    """Bytes a call must move at least: the forward reads the inputs once; the backward (a
-    separate call: autograd keeps nothing of the forward) reads them again and writes the
-    gradients of pred_t, pred_tk and flow once."""
-    n = sum(t.numel() * t.element_size() for t in inputs)
-    return n + (n + sum(t.numel() * t.element_size() for t in inputs[:3]) if backward else 0)
-
-
-def copy_bandwidth():
-    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB, several times the L2
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); y.copy_(x); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return 2 * x.numel() / min(ts)
+from bench_temporal_loss import compulsory_bytes, make  # this folder is on sys.path when run as a script
+from conftest import copy_bandwidth
 
 
 def time_it(fn, iters):
@@ -98,7 +60,7 @@ def main():
     avail = tcloss.available_backends()["cuda"]
     backends = [b for b in a.backends if b in avail]
     if a.once:
-        inputs = make(shape, "smooth", torch.float32)
+        inputs = make(shape, "cuda", flow="smooth")
         for b in backends:
             if b != "reference":
                 step_for(b, inputs, True)()
@@ -109,7 +71,7 @@ def main():
           f"(median of {a.iters} CUDA-event timings)")
     print(f"{'pass':<8} {'dtype':<9} {'flow':<7} {'backend':<10} {'ms':>8} {'SOL ms':>7} {'% SOL':>6} {'vs ref':>7}")
     for pass_, dt, flow in itertools.product(a.passes, a.dtypes, a.flows):
-        inputs = make(shape, flow, getattr(torch, dt))
+        inputs = make(shape, "cuda", getattr(torch, dt), flow=flow)
         sol = compulsory_bytes(inputs, pass_ != "fwd") / bw * 1e3
         ref = None
         for b in backends:
