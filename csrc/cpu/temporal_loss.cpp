@@ -2,22 +2,24 @@
 //
 // float64 runs the GPU's per-pixel function temporal_loss_pixel verbatim (so the float64 tests,
 // gradcheck included, exercise the CUDA kernel's code). float/half/bfloat16 run the same
-// formulas vectorised along x, the way the memory is laid out (cpu/temporal_loss_simd.h,
-// compiled for AVX-512, AVX2 and the baseline and picked at run time): per chunk of a row, the
-// bilinear taps and weights of its pixels once, then every channel plane walked as a
-// contiguous run with explicit SIMD (masked gathers for the four corners). At most three
-// parallel regions per call, each handing out work items from a shared counter (a thread
-// slowed by another process takes fewer items instead of stalling the region):
+// formulas with explicit SIMD (cpu/temporal_loss_simd.h, compiled for AVX-512, AVX2 and the
+// baseline and picked at run time): per-pixel and per-channel work runs along x over chunks of
+// kTile pixels, channel plane by channel plane, while the bilinear corners are read from (and
+// the gradient scattered into) a channel-blocked copy, one vector per corner and block of L
+// channels instead of one gather element per channel. One batch item at a time, in parallel
+// regions that hand out work items from a shared counter (a thread slowed by another process
+// takes fewer items instead of stalling the region):
 //
-//  0. corner source: q_tk = softmax_C(pred_tk) written once per element (on="prob"; for
-//     on="logit" pred_tk itself, converted when 16-bit), so the main pass gathers probabilities
-//     instead of exponentiating four corners per channel. In the backward it is written into
-//     the d pred_tk buffer, which pass B then turns, plane by plane, into the gradient.
-//  A. rows: taps, occlusion weight V^p, softmax statistics of pred_t, the channel loop
-//     (loss, d flow, and the per-pixel reductions <q_t, dq>, <q_k, -dq> kept for pass B).
-//  B. (batch item, group of channels), backward only: d pred_t and the scatter into d pred_tk,
-//     each plane in row-major pixel order: no atomics, and the result does not depend on the
-//     number of threads.
+//  0. rows: the corner source q_tk = softmax_C(pred_tk) (on="logit": pred_tk as float) and
+//     img_tk, written blocked into one buffer of (C + Ci) H W floats.
+//  A. chunks down kTile-wide strips (the corners a random flow reaches stay in L2): taps,
+//     occlusion weight V^p, q_t, the warped corners and their flow derivatives (transposed
+//     to planar), then the channel loop: loss, d flow, and per-pixel state for pass B.
+//  B. blocks of channels, backward only: d pred_t, and d q_tk = sum of w_k (-dq) scattered
+//     into its blocked buffer (d pred_tk's own) in a fixed pixel order: no atomics, and the
+//     same bits for any number of threads.
+//  C. pixels: d pred_tk = q (d q - <q, d q>) blocked, over the corner source, then transposed
+//     into d pred_tk's buffer.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -41,7 +43,8 @@ namespace {
 
 #define TC_INLINE inline __attribute__((always_inline))
 
-constexpr int64_t kTile = 256;  // pixels per chunk: the chunk's per-pixel arrays stay in L1
+constexpr int64_t kQPad = 16;  // zeros past a batch item's blocked corner source (simd.h: Blocked)
+constexpr int64_t kTile = 128;  // pixels per chunk: the chunk's per-pixel and per-channel rows stay in L1
 
 // Items [0, n) handed out `chunk` at a time from a shared counter to at most get_num_threads()
 // threads; make() builds one thread's worker (its scratch), called as work(lo, hi). The result
@@ -61,8 +64,7 @@ void parallel_items(int64_t n, int64_t chunk, MakeWorker make) {
 template <typename S>
 struct Ctx {
   const S* pt;
-  const float* qsrc;  // corner source: q_tk (on="prob") or pred_tk as float
-  float* q_out;       // where pass 0 writes the corner source (null: qsrc is pred_tk itself)
+  float* q;  // one batch item's corner source and img_tk, channel-blocked (simd.h: Blocked, run)
   const float *flow, *it, *itk, *grad;
   bool grad_map;
   float grad_mul;
@@ -73,23 +75,26 @@ struct Ctx {
   bool grads;   // pass A accumulates the gradient reductions
   float* loss;  // (B,H,W) or null
   float* gfl;   // (B,2,H,W) or null
-  // per-pixel state from pass A for pass B (null: no pass B), each B*H*W: softmax statistics
-  // of pred_t, 2 g V^p, <q_t, dq> and <q_k, -dq>
-  float *st_m, *st_r, *st_k2, *st_dt, *st_dk[4];
+  // per-pixel state of one batch item from pass A for pass B (null: no pass B), each H*W:
+  // softmax statistics of pred_t, 2 g V^p and <q_t, dq>
+  float *st_m, *st_r, *st_k2, *st_dt;
   S* gpt;       // (B,C,H,W) or null
-  float* gptk;  // (B,C,H,W) or null; holds the corner source until pass B turns a plane into its gradient
+  float* gptk;  // (B,C,H,W), zeroed, or null
 };
 
 // temporal_loss_simd.h once per instruction set, each with its lane count, vector types and
-// masked gather; run_isa() picks one at first use.
+// masked loads and stores; run_isa() picks one at first use.
 namespace v4 {  // the x86-64 baseline (SSE2), and any other architecture
 constexpr int L = 4;
 typedef float vf __attribute__((vector_size(16)));
 typedef int32_t vi __attribute__((vector_size(16)));
-TC_INLINE vf gather(const float* p, vi idx, vi valid) {
-  vf r;
-  for (int l = 0; l < L; ++l) r[l] = valid[l] ? p[idx[l]] : 0.f;
+TC_INLINE vf loadn(const float* p, int n) {
+  vf r{};
+  for (int l = 0; l < n; ++l) r[l] = p[l];
   return r;
+}
+TC_INLINE void storen(float* p, vf v, int n) {
+  for (int l = 0; l < n; ++l) p[l] = v[l];
 }
 #include "temporal_loss_simd.h"
 }  // namespace v4
@@ -101,9 +106,9 @@ namespace v8 {
 constexpr int L = 8;
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
-TC_INLINE vf gather(const float* p, vi idx, vi valid) {
-  return (vf)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, (__m256i)idx, (__m256)valid, 4);
-}
+TC_INLINE __m256i lanes_below(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+TC_INLINE vf loadn(const float* p, int n) { return (vf)_mm256_maskload_ps(p, lanes_below(n)); }
+TC_INLINE void storen(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), (__m256)v); }
 #include "temporal_loss_simd.h"
 }  // namespace v8
 #pragma GCC pop_options
@@ -113,10 +118,9 @@ namespace v16 {
 constexpr int L = 16;
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
-TC_INLINE vf gather(const float* p, vi idx, vi valid) {
-  const __mmask16 k = _mm512_test_epi32_mask((__m512i)valid, (__m512i)valid);
-  return (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, (__m512i)idx, p, 4);
-}
+TC_INLINE __mmask16 lanes_below(int n) { return static_cast<__mmask16>((1u << n) - 1); }
+TC_INLINE vf loadn(const float* p, int n) { return (vf)_mm512_maskz_loadu_ps(lanes_below(n), p); }
+TC_INLINE void storen(float* p, vf v, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), (__m512)v); }
 #include "temporal_loss_simd.h"
 }  // namespace v16
 #pragma GCC pop_options
@@ -163,7 +167,7 @@ void run_isa(const Ctx<at::BFloat16>& X, const at::BFloat16* ptk) { TC_RUN(bf16,
 template <typename S>
 void run_rows(const TLTensors& T) {
   const TLParams& P = T.P;
-  const int64_t HW = P.H * P.W, npix = P.B * HW;
+  const int64_t HW = P.H * P.W;
   Ctx<S> X{};
   X.pt = T.pt.data_ptr<S>();
   X.flow = T.flow.data_ptr<float>();
@@ -181,25 +185,17 @@ void run_rows(const TLTensors& T) {
   X.gpt = P.g_pt ? T.g_pt.data_ptr<S>() : nullptr;
   X.gptk = P.g_ptk ? T.g_ptk_acc.data_ptr<float>() : nullptr;
 
-  // corner source: pred_tk itself (float32 logits), else q_tk, written by pass 0 into
-  // d pred_tk's buffer when that is requested, else into a temporary
-  at::Tensor qbuf;
-  if (std::is_same_v<S, float> && !P.on_prob) {
-    X.qsrc = reinterpret_cast<const float*>(T.ptk.data_ptr<S>());
-  } else {
-    X.q_out = X.gptk;
-    if (!X.q_out) {
-      qbuf = at::empty(T.ptk.sizes(), T.flow.options());
-      X.q_out = qbuf.data_ptr<float>();
-    }
-    X.qsrc = X.q_out;
-  }
+  // one batch item's corner source at a time, and its per-pixel state for pass B
+  // one batch item's corner source and img_tk, channel-blocked, each followed by kQPad zeros
+  at::Tensor qbuf = at::empty({(P.C + P.Ci) * HW + 2 * kQPad}, T.flow.options());
+  qbuf.narrow(0, P.C * HW, kQPad).zero_();
+  qbuf.narrow(0, (P.C + P.Ci) * HW + kQPad, kQPad).zero_();
+  X.q = qbuf.data_ptr<float>();
   at::Tensor state;
   if (P.g_pt || P.g_ptk) {
-    state = at::empty({8, npix}, T.flow.options());
+    state = at::empty({4, HW}, T.flow.options());
     float* s = state.data_ptr<float>();
-    X.st_m = s, X.st_r = s + npix, X.st_k2 = s + 2 * npix, X.st_dt = s + 3 * npix;
-    for (int k = 0; k < 4; ++k) X.st_dk[k] = s + (4 + k) * npix;
+    X.st_m = s, X.st_r = s + HW, X.st_k2 = s + 2 * HW, X.st_dt = s + 3 * HW;
   }
   run_isa(X, T.ptk.data_ptr<S>());
 }

@@ -4,11 +4,13 @@
 // `#pragma GCC target` region. Before including, the includer defines:
 //   L                      lanes (a constant: 16 for AVX-512, 8 for AVX2, 4 for the baseline)
 //   vf, vi                 L floats, L int32 (GCC vector extensions)
-//   gather(p, idx, valid)  vf of p[idx[l]] where valid[l], else 0
+//   loadn(p, n)            vf of p[0..n), 0 in lanes >= n; touches no memory past p[n-1]
+//   storen(p, v, n)        p[0..n) = v[0..n); touches no memory past p[n-1]
 // Formulas: kernels/temporal_loss.h (tl_channel_accumulate, tl_channel_grads) and
 // kernels/common.h (bilinear_taps), the per-pixel code the CUDA kernel and the float64 path
 // run; here every loop runs along x over a chunk of kTile pixels of one row, channel plane by
-// channel plane.
+// channel plane, except the four-corner fetch, which reads the corner source in a
+// channel-blocked layout (see Blocked).
 
 static_assert(kTile % L == 0, "a chunk is a whole number of vectors");
 
@@ -50,17 +52,21 @@ TC_INLINE vf vexp_nonpos(vf x) {
 // past m read 0 and are not written).
 template <typename S>
 TC_INLINE vf load(const S* p, int64_t m) {
-  vf v{};
-  if (std::is_same_v<S, float> && m == L) std::memcpy(&v, p, sizeof(v));
-  else
+  if constexpr (std::is_same_v<S, float>) {
+    return loadn(p, static_cast<int>(m));
+  } else {
+    vf v{};
     for (int64_t l = 0; l < m; ++l) v[l] = static_cast<float>(p[l]);
-  return v;
+    return v;
+  }
 }
 template <typename S>
 TC_INLINE void store(S* p, vf v, int64_t m) {
-  if (std::is_same_v<S, float> && m == L) std::memcpy(p, &v, sizeof(v));
-  else
+  if constexpr (std::is_same_v<S, float>) {
+    storen(p, v, static_cast<int>(m));
+  } else {
     for (int64_t l = 0; l < m; ++l) p[l] = static_cast<S>(v[l]);
+  }
 }
 TC_INLINE vf vget(const float* a, int64_t j) {  // a full vector of an L-aligned scratch array
   vf v;
@@ -74,6 +80,53 @@ TC_INLINE vi vgeti(const int32_t* a, int64_t j) {
 }
 TC_INLINE void vput(float* a, int64_t j, vf v) { std::memcpy(a + j, &v, sizeof(v)); }
 TC_INLINE void vputi(int32_t* a, int64_t j, vi v) { std::memcpy(a + j, &v, sizeof(v)); }
+
+// The next chunk's rows of `planes` planar planes, prefetched while this one is computed (many
+// short strided streams, which the hardware prefetcher picks up late).
+template <typename S>
+TC_INLINE void prefetch_planes(const S* p, int64_t planes, int64_t HW, int64_t n) {
+  for (int64_t c = 0; c < planes; ++c)
+    for (int64_t b = 0; b < n * int64_t(sizeof(S)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p + c * HW) + b);
+}
+
+// In-register transpose of an L x L block (r[i][l] -> r[l][i]): log2(L) stages, each swapping
+// the off-diagonal h x h blocks of every 2h x 2h block with two-source shuffles.
+template <int h>
+TC_INLINE void transpose_stage(vf* r) {
+  vi lo, hi;
+  for (int l = 0; l < L; ++l) {
+    lo[l] = (l & h) ? L + l - h : l;
+    hi[l] = (l & h) ? L + l : l + h;
+  }
+  for (int i = 0; i < L; ++i)
+    if (!(i & h)) {
+      const vf a = r[i], b = r[i + h];
+      r[i] = __builtin_shuffle(a, b, lo);
+      r[i + h] = __builtin_shuffle(a, b, hi);
+    }
+}
+TC_INLINE void transpose(vf* r) {
+  if constexpr (L >= 16) transpose_stage<8>(r);
+  if constexpr (L >= 8) transpose_stage<4>(r);
+  transpose_stage<2>(r);
+  transpose_stage<1>(r);
+}
+
+// A (C, H, W) tensor of one batch item in a channel-blocked layout: the channels in nb =
+// ceil(C/L) blocks of balanced width (19 = 10 + 9 at L = 16), and inside block g each pixel's
+// width(g) channels contiguous, so a bilinear corner is one vector load per block instead of one
+// gather element per channel, and a scatter into a corner one vector add. Exactly C*HW floats,
+// like the planar layout. Holds the corner source q_tk (= softmax_C(pred_tk), or pred_tk as
+// float) and, in d pred_tk's buffer, the gradient scattered into it.
+struct Blocked {
+  static_assert(kQPad >= L, "an invalid corner reads L zeros past the last block");
+  float* q;
+  int64_t C, HW;
+  TC_INLINE int64_t blocks() const { return (C + L - 1) / L; }
+  TC_INLINE int64_t lo(int64_t g) const { return g * C / blocks(); }
+  TC_INLINE int width(int64_t g) const { return static_cast<int>(lo(g + 1) - lo(g)); }
+  TC_INLINE float* block(int64_t g) const { return q + lo(g) * HW; }
+};
 
 // Bilinear taps of a chunk (bilinear_taps of kernels/common.h), structure of arrays; an
 // invalid corner (outside the image, non-finite flow, a lane past the chunk) has weight 0,
@@ -133,43 +186,95 @@ TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t 
   }
 }
 
-// The four corners of one plane at vector j of the chunk, and their bilinear blend.
-struct Corners {
-  vf q[4];
-  vf w;
+// Where the four corners of the chunk's pixels start in block g, in floats from Q.q; an
+// invalid corner points at the L zeros past the last block (kQPad), so that reads need
+// no mask and an invalid corner reads exactly 0 (never 0 * whatever lies at pixel 0).
+struct CornerOffsets {
+  alignas(64) int64_t off[4][kTile];
 };
-TC_INLINE Corners corners(const Taps& t, const float* plane, int64_t j) {
-  if (j + 4 * L < kTile) {
-    __builtin_prefetch(plane + t.idx[0][j + 4 * L]);
-    __builtin_prefetch(plane + t.idx[0][j + 5 * L - 1]);
-    __builtin_prefetch(plane + t.idx[3][j + 4 * L]);
-    __builtin_prefetch(plane + t.idx[3][j + 5 * L - 1]);
-  }
-  Corners c;
-  c.w = splat(0.f);
-  for (int k = 0; k < 4; ++k) {
-    c.q[k] = gather(plane, vgeti(t.idx[k], j), vgeti(t.valid[k], j));
-    c.w += vget(t.w[k], j) * c.q[k];
-  }
-  return c;
+TC_INLINE void block_offsets(const Blocked& Q, int64_t g, const Taps& t, int64_t n, CornerOffsets& o) {
+  typedef int64_t vl __attribute__((vector_size(8 * L)));
+  const vl base = vl{} + Q.lo(g) * Q.HW, pad = vl{} + Q.C * Q.HW;
+  const int64_t w = Q.width(g);
+  for (int64_t j = 0; j < n; j += L)
+    for (int k = 0; k < 4; ++k) {
+      const vl idx = __builtin_convertvector(vgeti(t.idx[k], j), vl), ok = __builtin_convertvector(vgeti(t.valid[k], j), vl);
+      const vl v = ok ? base + idx * w : pad;
+      std::memcpy(o.off[k] + j, &v, sizeof(v));
+    }
 }
 
-// --- pass 0: q_tk = softmax over channels (or pred_tk as float) ------------------------------
+// The four corners of pixel j (w channels each), with those of pixel j + kAhead prefetched
+// (random flows miss the L2 cache).
+constexpr int64_t kAhead = 8;
+TC_INLINE void fetch_corners(const float* q, int w, const CornerOffsets& o, int64_t j, int64_t n, vf c[4]) {
+  if (j + kAhead < n)
+    for (int k = 0; k < 4; ++k) __builtin_prefetch(q + o.off[k][j + kAhead]);
+  for (int k = 0; k < 4; ++k) c[k] = loadn(q + o.off[k][j], w);
+}
+TC_INLINE void prefetch_corners(const float* q, const CornerOffsets& o, int64_t n) {
+  for (int64_t j = 0; j < std::min(n, kAhead); ++j)
+    for (int k = 0; k < 4; ++k) __builtin_prefetch(q + o.off[k][j]);
+}
+TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
+  return wk[j] * c[0] + wk[kTile + j] * c[1] + wk[2 * kTile + j] * c[2] + wk[3 * kTile + j] * c[3];
+}
+
+// The warped corner source over the chunk, planar: out[c][j] (rows kTile long) = sum_k w_k
+// q_k[c], and with kGrads also ox/oy = sum_k dwx_k q_k[c] and sum_k dwy_k q_k[c] (the flow
+// derivatives). Per pixel, one vector load per corner and block; per L pixels, one transpose
+// per output.
+template <bool kGrads>
+TC_INLINE void warp_channels(const Blocked& Q, const Taps& t, int64_t n, CornerOffsets& o, float* out, float* ox,
+                             float* oy) {
+  vf r[3][L];
+  for (int64_t g = 0; g < Q.blocks(); ++g) {
+    const int w = Q.width(g);
+    block_offsets(Q, g, t, n, o);
+    prefetch_corners(Q.q, o, n);
+    for (int64_t j0 = 0; j0 < n; j0 += L) {
+      for (int l = 0; l < L; ++l) {
+        vf q[4];
+        fetch_corners(Q.q, w, o, j0 + l, n, q);
+        r[0][l] = blend(t.w[0], j0 + l, q);
+        if (kGrads) r[1][l] = blend(t.dwx[0], j0 + l, q), r[2][l] = blend(t.dwy[0], j0 + l, q);
+      }
+      float* dst[3] = {out, ox, oy};
+      for (int a = 0; a < (kGrads ? 3 : 1); ++a) {
+        transpose(r[a]);
+        for (int c = 0; c < w; ++c) vput(dst[a] + (Q.lo(g) + c) * kTile, j0, r[a][c]);
+      }
+    }
+  }
+}
+
+// Planar rows src[c * ss + j] (c < w, j < n) <-> the blocked pixels dst[j * w + c], L pixels
+// per transpose.
+TC_INLINE void rows_to_block(const float* src, int64_t ss, int w, int64_t n, float* dst) {
+  for (int64_t j0 = 0; j0 < n; j0 += L) {
+    vf r[L];
+    for (int c = 0; c < L; ++c) r[c] = c < w ? vget(src + c * ss, j0) : splat(0.f);
+    transpose(r);
+    for (int64_t l = 0; l < std::min<int64_t>(L, n - j0); ++l) storen(dst + (j0 + l) * w, r[l], w);
+  }
+}
+
+// --- pass 0: the corner source, blocked ----------------------------------------------------------
 
 // Channel statistics of a chunk of n pixels, plane by plane (each plane's run is contiguous; the
 // per-pixel arrays stay in L1): mo = the max, so = sum_c exp(z_c - max), and, when dst is
-// given, dst[c] = exp(z_c - max).
+// given, dst[c * ds] = exp(z_c - max).
 template <typename S>
-TC_INLINE void chunk_softmax_sums(const S* src, int64_t C, int64_t HW, int64_t n, float* mo, float* so, float* dst) {
+TC_INLINE void chunk_softmax_sums(const S* src, int64_t C, int64_t HW, int64_t n, float* mo, float* so, float* dst,
+                                  int64_t ds) {
   for (int64_t j = 0; j < n; j += L) vput(mo, j, load(src + j, std::min<int64_t>(L, n - j)));
   for (int64_t c = 1; c < C; ++c)
     for (int64_t j = 0; j < n; j += L) vput(mo, j, vmax(load(src + c * HW + j, std::min<int64_t>(L, n - j)), vget(mo, j)));
   for (int64_t j = 0; j < n; j += L) vput(so, j, splat(0.f));
   for (int64_t c = 0; c < C; ++c)
     for (int64_t j = 0; j < n; j += L) {
-      const int64_t m = std::min<int64_t>(L, n - j);
-      const vf e = vexp_nonpos(load(src + c * HW + j, m) - vget(mo, j));
-      if (dst) store(dst + c * HW + j, e, m);
+      const vf e = vexp_nonpos(load(src + c * HW + j, std::min<int64_t>(L, n - j)) - vget(mo, j));
+      if (dst) vput(dst + c * ds, j, e);
       vput(so, j, vget(so, j) + e);
     }
 }
@@ -177,33 +282,48 @@ TC_INLINE void chunk_softmax_sums(const S* src, int64_t C, int64_t HW, int64_t n
 // 1/sum, or NaN where the max is not finite (kernels/temporal_loss.h: softmax_rinv).
 TC_INLINE vf vrinv(vf mx, vf s) { return sel(vfinite(mx), 1.f / s, splat(std::numeric_limits<float>::quiet_NaN())); }
 
+// q = softmax over channels of a chunk of n pixels (src planar, stride HW) into scratch rows
+// dst[c * kTile + j]; mo, so: kTile floats of scratch.
 template <typename S>
 TC_INLINE void softmax_chunk(const S* src, float* dst, int64_t C, int64_t HW, int64_t n, float* mo, float* so) {
-  chunk_softmax_sums(src, C, HW, n, mo, so, dst);
+  chunk_softmax_sums(src, C, HW, n, mo, so, dst, kTile);
   for (int64_t j = 0; j < n; j += L) vput(so, j, vrinv(vget(mo, j), vget(so, j)));
   for (int64_t c = 0; c < C; ++c)
-    for (int64_t j = 0; j < n; j += L) {
-      const int64_t m = std::min<int64_t>(L, n - j);
-      store(dst + c * HW + j, load(dst + c * HW + j, m) * vget(so, j), m);
-    }
+    for (int64_t j = 0; j < n; j += L) vput(dst + c * kTile, j, vget(dst + c * kTile, j) * vget(so, j));
 }
 
+// q = softmax_C (on="prob", mo/so then hold the max and 1/sum) or the scores themselves, of a
+// chunk of n pixels, into planar scratch rows dst[c * kTile + j].
 template <typename S>
-TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, float* q, int64_t r0, int64_t r1) {
-  alignas(64) float mo[kTile], so[kTile];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = (r / X.H) * X.C * X.HW + (r % X.H) * X.W;
-    if (X.on_prob) {
-      for (int64_t x0 = 0; x0 < X.W; x0 += kTile)
-        softmax_chunk<S>(ptk + off + x0, q + off + x0, X.C, X.HW, std::min(kTile, X.W - x0), mo, so);
-    } else {
-      for (int64_t c = 0; c < X.C; ++c)
-        for (int64_t j = 0; j < X.W; j += L) {
-          const int64_t m = std::min<int64_t>(L, X.W - j);
-          store(q + off + c * X.HW + j, load(ptk + off + c * X.HW + j, m), m);
-        }
+TC_INLINE void source_rows(const S* src, bool on_prob, int64_t C, int64_t HW, int64_t n, float* dst, float* mo,
+                           float* so) {
+  if (on_prob) return softmax_chunk<S>(src, dst, C, HW, n, mo, so);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < n; j += L) vput(dst + c * kTile, j, load(src + c * HW + j, std::min<int64_t>(L, n - j)));
+}
+
+struct SourceScratch {
+  alignas(64) float mo[kTile];
+  alignas(64) float so[kTile];
+  std::vector<float> q;  // C rows of kTile
+  explicit SourceScratch(int64_t C) : q(static_cast<size_t>(C * kTile)) {}
+};
+
+// Rows [r0, r1) of batch item ptk (planar) into Q: per chunk, the planar q rows in scratch,
+// then per block and L pixels one transpose and L stores of w(g) floats.
+template <typename S>
+TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Blocked& Q, const float* itk,
+                                  const Blocked& I, int64_t r0, int64_t r1, SourceScratch& Sc) {
+  for (int64_t y = r0; y < r1; ++y)
+    for (int64_t x0 = 0; x0 < X.W; x0 += kTile) {
+      const int64_t n = std::min(kTile, X.W - x0), pix0 = y * X.W + x0;
+      prefetch_planes(ptk + pix0 + n, X.C, X.HW, std::min(kTile, X.HW - pix0 - n));
+      source_rows<S>(ptk + pix0, X.on_prob, X.C, X.HW, n, Sc.q.data(), Sc.mo, Sc.so);
+      for (int64_t g = 0; g < Q.blocks(); ++g)
+        rows_to_block(Sc.q.data() + Q.lo(g) * kTile, kTile, Q.width(g), n, Q.block(g) + pix0 * Q.width(g));
+      for (int64_t g = 0; g < I.blocks(); ++g)
+        rows_to_block(itk + I.lo(g) * X.HW + pix0, X.HW, I.width(g), n, I.block(g) + pix0 * I.width(g));
     }
-  }
 }
 
 // --- pass A: rows ----------------------------------------------------------------------------------
@@ -218,19 +338,23 @@ struct RowScratch {
   alignas(64) float dt[kTile];
   alignas(64) float gx[kTile];
   alignas(64) float gy[kTile];
-  alignas(64) float dk[4][kTile];
+  CornerOffsets o;
+  // C rows of kTile: q_t, the warped corner source and its flow derivatives; Ci: the warped img_tk
+  std::vector<float> qt, warped, wx, wy, img;
+  RowScratch(int64_t C, int64_t Ci) : qt(C * kTile), warped(C * kTile), wx(C * kTile), wy(C * kTile), img(Ci * kTile) {}
 };
 
-// V^p of the chunk (mask_weight of kernels/temporal_loss.h).
+// V^p of the chunk (mask_weight of kernels/temporal_loss.h), from img_tk warped like the
+// corner source (blocked).
 template <typename S>
-TC_INLINE void occlusion_weight(const Ctx<S>& X, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {
+TC_INLINE void occlusion_weight(const Ctx<S>& X, const Blocked& I, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {
+  warp_channels<false>(I, R.t, n, R.o, R.img.data(), nullptr, nullptr);
   const vf p = splat(X.mask_power);
   for (int64_t j = 0; j < n; j += L) {
     const int64_t m = std::min<int64_t>(L, n - j);
     vf s = splat(0.f);
     for (int64_t ci = 0; ci < X.Ci; ++ci) {
-      const float* plane = X.itk + (b * X.Ci + ci) * X.HW;
-      const vf d = load(X.it + (b * X.Ci + ci) * X.HW + pix0 + j, m) - corners(R.t, plane, j).w;
+      const vf d = load(X.it + (b * X.Ci + ci) * X.HW + pix0 + j, m) - vget(R.img.data() + ci * kTile, j);
       s += X.mask_mode == kSignedSum ? d : (X.mask_mode == kL1 ? vabs(d) : d * d);
     }
     const vf r = X.mask_mode == kSignedSum ? vabs(s) : (X.mask_mode == kL1 ? s : vsqrt(s));
@@ -238,187 +362,225 @@ TC_INLINE void occlusion_weight(const Ctx<S>& X, int64_t b, int64_t pix0, int64_
   }
 }
 
-// Softmax statistics of pred_t over the chunk (channel_softmax_stats of kernels/temporal_loss.h).
-template <typename S>
-TC_INLINE void pt_stats(const S* p, int64_t C, int64_t HW, int64_t n, float* mo, float* ro) {
-  chunk_softmax_sums<S>(p, C, HW, n, mo, ro, nullptr);
-  for (int64_t j = 0; j < n; j += L) vput(ro, j, vrinv(vget(mo, j), vget(ro, j)));
+// The channel loop of a chunk (tl_channel_accumulate along x), plane by plane: each channel's
+// run of pred_t is contiguous, and the accumulators stay in L1.
+template <typename S, bool kGrads>
+TC_INLINE void chunk_accumulate(const Ctx<S>& X, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {
+  const vf zero = splat(0.f);
+  for (int64_t j = 0; j < n; j += L) {
+    vput(R.sumsq, j, zero);
+    if (kGrads) vput(R.dt, j, zero), vput(R.gx, j, zero), vput(R.gy, j, zero);
+  }
+  for (int64_t c = 0; c < X.C; ++c) {
+    const float *q = R.qt.data() + c * kTile, *wq = R.warped.data() + c * kTile, *wx = R.wx.data() + c * kTile,
+                *wy = R.wy.data() + c * kTile;
+    for (int64_t j = 0; j < n; j += L) {
+      const vf qt = vget(q, j);
+      const vf diff = qt - vget(wq, j);
+      vput(R.sumsq, j, vget(R.sumsq, j) + diff * diff);
+      if (kGrads) {
+        const vf dq = vget(R.k2, j) * diff;
+        vput(R.dt, j, vget(R.dt, j) + qt * dq);
+        vput(R.gx, j, vget(R.gx, j) - dq * vget(wx, j));
+        vput(R.gy, j, vget(R.gy, j) - dq * vget(wy, j));
+      }
+    }
+  }
 }
 
+// Pixels [x0, x0 + kTile) of row y. Chunks run down kTile-wide strips of the image (see run), so
+// that the corners a random flow reaches stay in the L2 cache from one chunk to the next.
+template <typename S, bool kGrads>
+TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I, int64_t b, int64_t y, int64_t x0, RowScratch& R) {
+  const int64_t W = X.W;
+  const vf nan = splat(std::numeric_limits<float>::quiet_NaN());
+  const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0, i0 = b * X.HW + pix0;
+  chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, n, X.H, W, X.zeros_pad,
+             R.t);
+  occlusion_weight(X, I, b, pix0, n, R);
+  if (y + 1 < X.H) prefetch_planes(X.pt + b * X.C * X.HW + pix0 + W, X.C, X.HW, n);
+  source_rows<S>(X.pt + b * X.C * X.HW + pix0, X.on_prob, X.C, X.HW, n, R.qt.data(), R.m, R.rinv);
+  warp_channels<kGrads>(Q, R.t, n, R.o, R.warped.data(), R.wx.data(), R.wy.data());
+  if (kGrads)
+    for (int64_t j = 0; j < n; j += L) {
+      const int64_t m = std::min<int64_t>(L, n - j);
+      const vf g = splat(X.grad_mul) * (!X.grad ? splat(1.f) : X.grad_map ? load(X.grad + i0 + j, m) : splat(X.grad[0]));
+      // a non-finite flow gives a NaN loss and no gradient, as in the reference
+      vput(R.k2, j, sel(vgeti(R.t.finite, j), 2.f * g * vget(R.vp, j), splat(0.f)));  // dl/d(diff) = 2 g V^p diff
+    }
+  chunk_accumulate<S, kGrads>(X, b, pix0, n, R);
+  for (int64_t j = 0; j < n; j += L) {
+    const int64_t m = std::min<int64_t>(L, n - j);
+    if (X.loss) store(X.loss + i0 + j, sel(vgeti(R.t.finite, j), vget(R.sumsq, j) * vget(R.vp, j), nan), m);
+    if (X.gfl) {
+      store(X.gfl + (b * 2) * X.HW + pix0 + j, vget(R.gx, j), m);
+      store(X.gfl + (b * 2 + 1) * X.HW + pix0 + j, vget(R.gy, j), m);
+    }
+    if (kGrads && X.st_m) {
+      store(X.st_m + pix0 + j, vget(R.m, j), m);
+      store(X.st_r + pix0 + j, vget(R.rinv, j), m);
+      store(X.st_k2 + pix0 + j, vget(R.k2, j), m);
+      store(X.st_dt + pix0 + j, vget(R.dt, j), m);
+    }
+  }
+}
+
+// q_t of a vector of the chunk from pass A's softmax statistics (on="prob") or the scores.
 template <typename S>
 TC_INLINE vf q_t(const Ctx<S>& X, const S* zt, int64_t j, int64_t m, const float* mx, const float* rinv) {
   const vf z = load(zt + j, m);
   return X.on_prob ? vexp_nonpos(z - vget(mx, j)) * vget(rinv, j) : z;
 }
 
-// The channel loop of a chunk (tl_channel_accumulate along x), plane by plane: each channel's
-// run of pred_t is contiguous, and the accumulators stay in L1.
-template <typename S, bool kGrads>
-TC_INLINE void chunk_accumulate(const Ctx<S>& X, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {
-  const Taps& t = R.t;
-  const vf zero = splat(0.f);
-  for (int64_t j = 0; j < n; j += L) {
-    vput(R.sumsq, j, zero);
-    if (kGrads) {
-      vput(R.dt, j, zero), vput(R.gx, j, zero), vput(R.gy, j, zero);
-      for (int k = 0; k < 4; ++k) vput(R.dk[k], j, zero);
-    }
-  }
-  for (int64_t c = 0; c < X.C; ++c) {
-    const S* zt = X.pt + (b * X.C + c) * X.HW + pix0;
-    const float* plane = X.qsrc + (b * X.C + c) * X.HW;
-    for (int64_t j = 0; j < n; j += L) {
-      const int64_t m = std::min<int64_t>(L, n - j);
-      const vf qt = q_t(X, zt, j, m, R.m, R.rinv);
-      const Corners q = corners(t, plane, j);
-      const vf diff = qt - q.w;
-      vput(R.sumsq, j, vget(R.sumsq, j) + diff * diff);
-      if (kGrads) {
-        vf wx = zero, wy = zero;
-        for (int k = 0; k < 4; ++k) {
-          wx += vget(t.dwx[k], j) * q.q[k];
-          wy += vget(t.dwy[k], j) * q.q[k];
-        }
-        const vf dq = vget(R.k2, j) * diff;
-        vput(R.dt, j, vget(R.dt, j) + qt * dq);
-        for (int k = 0; k < 4; ++k) vput(R.dk[k], j, vget(R.dk[k], j) - q.q[k] * dq);
-        vput(R.gx, j, vget(R.gx, j) - dq * wx);
-        vput(R.gy, j, vget(R.gy, j) - dq * wy);
-      }
-    }
-  }
-}
+// --- pass B: one block of channels of one batch item, backward only ----------------------------
 
-template <typename S, bool kGrads>
-TC_INLINE void pass_a_row(const Ctx<S>& X, int64_t r, RowScratch& R) {
-  const int64_t b = r / X.H, y = r % X.H, W = X.W;
-  const vf nan = splat(std::numeric_limits<float>::quiet_NaN());
-  for (int64_t x0 = 0; x0 < W; x0 += kTile) {
-    const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0, i0 = b * X.HW + pix0;
-    chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, n, X.H, W, X.zeros_pad,
-               R.t);
-    occlusion_weight(X, b, pix0, n, R);
-    if (X.on_prob) pt_stats(X.pt + b * X.C * X.HW + pix0, X.C, X.HW, n, R.m, R.rinv);
-    if (kGrads)
-      for (int64_t j = 0; j < n; j += L) {
-        const int64_t m = std::min<int64_t>(L, n - j);
-        const vf g = splat(X.grad_mul) * (!X.grad ? splat(1.f) : X.grad_map ? load(X.grad + i0 + j, m) : splat(X.grad[0]));
-        // a non-finite flow gives a NaN loss and no gradient, as in the reference
-        vput(R.k2, j, sel(vgeti(R.t.finite, j), 2.f * g * vget(R.vp, j), splat(0.f)));  // dl/d(diff) = 2 g V^p diff
-      }
-    chunk_accumulate<S, kGrads>(X, b, pix0, n, R);
-    for (int64_t j = 0; j < n; j += L) {
-      const int64_t m = std::min<int64_t>(L, n - j);
-      if (X.loss) store(X.loss + i0 + j, sel(vgeti(R.t.finite, j), vget(R.sumsq, j) * vget(R.vp, j), nan), m);
-      if (X.gfl) {
-        store(X.gfl + (b * 2) * X.HW + pix0 + j, vget(R.gx, j), m);
-        store(X.gfl + (b * 2 + 1) * X.HW + pix0 + j, vget(R.gy, j), m);
-      }
-      if (kGrads && X.st_m) {
-        store(X.st_m + i0 + j, vget(R.m, j), m);
-        store(X.st_r + i0 + j, vget(R.rinv, j), m);
-        store(X.st_k2 + i0 + j, vget(R.k2, j), m);
-        store(X.st_dt + i0 + j, vget(R.dt, j), m);
-        for (int k = 0; k < 4; ++k) store(X.st_dk[k] + i0 + j, vget(R.dk[k], j), m);
-      }
-    }
-  }
-}
-
-template <typename S>
-TC_INLINE void pass_a_rows(const Ctx<S>& X, int64_t lo, int64_t hi, RowScratch& R) {
-  for (int64_t r = lo; r < hi; ++r) {
-    if (X.grads) pass_a_row<S, true>(X, r, R);
-    else pass_a_row<S, false>(X, r, R);
-  }
-}
-
-// --- pass B: one (batch item, channel) plane -----------------------------------------------------
-
-struct PlaneScratch {
+struct BlockScratch {
   Taps t;
-  alignas(64) float gk[4][kTile];
+  CornerOffsets o;
+  alignas(64) float qt[L][kTile];
 };
 
-// tl_channel_grads along x for channels [c0, c1) of batch item b (planes[c - c0] is channel c's
-// corner source): per row, the taps once, then per channel d pred_t written and the scatter
-// into d pred_tk in pixel order (so a plane's result does not depend on how channels are
-// grouped into items).
+// tl_channel_grads per pixel, in the block's channel lanes: q_t (planar, transposed), the
+// warped corners, dq; d pred_t transposed back and written planar, and w_k (-dq) added into the
+// four corners of d q_tk (G, blocked like Q) in pixel order, so the result does not depend on
+// the number of threads.
 template <typename S>
-TC_INLINE void pass_b_planes(const Ctx<S>& X, int64_t b, int64_t c0, int64_t c1, const float* const* planes,
-                             PlaneScratch& P) {
-  const int64_t W = X.W;
-  const Taps& t = P.t;
-  for (int64_t y = 0; y < X.H; ++y)
-    for (int64_t x0 = 0; x0 < W; x0 += kTile) {
-      const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0, i0 = b * X.HW + pix0;
+TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G, int64_t b, int64_t g,
+                            BlockScratch& B) {
+  const int64_t W = X.W, c0 = Q.lo(g);
+  const int w = Q.width(g);
+  const Taps& t = B.t;
+  const CornerOffsets& o = B.o;
+  for (int64_t x0 = 0; x0 < W; x0 += kTile)  // strip by strip, as pass A
+    for (int64_t y = 0; y < X.H; ++y) {
+      const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0;
       chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, n, X.H, W, X.zeros_pad,
-                 P.t);
-      for (int64_t c = c0; c < c1; ++c) {
-        const S* zt = X.pt + (b * X.C + c) * X.HW + pix0;
-        const float* plane = planes[c - c0];
-        for (int64_t j = 0; j < n; j += L) {
-          const int64_t m = std::min<int64_t>(L, n - j);
-          const vf qt = q_t(X, zt, j, m, X.st_m + i0, X.st_r + i0);
-          const Corners q = corners(t, plane, j);
-          const vf k2 = load(X.st_k2 + i0 + j, m);
-          const vf dq = k2 * (qt - q.w);
+                 B.t);
+      if (y + 1 < X.H) prefetch_planes(X.pt + (b * X.C + c0) * X.HW + pix0 + W, w, X.HW, n);
+      for (int c = 0; c < w; ++c) {
+        const S* zt = X.pt + (b * X.C + c0 + c) * X.HW + pix0;
+        for (int64_t j = 0; j < n; j += L) vput(B.qt[c], j, q_t(X, zt, j, std::min<int64_t>(L, n - j), X.st_m + pix0, X.st_r + pix0));
+      }
+      const float *k2 = X.st_k2 + pix0, *dt = X.st_dt + pix0;
+      block_offsets(Q, g, t, n, B.o);
+      prefetch_corners(Q.q, o, n);
+      for (int64_t j0 = 0; j0 < n; j0 += L) {
+        const int64_t m = std::min<int64_t>(L, n - j0);
+        vf qt[L], d[L];
+        for (int c = 0; c < L; ++c) qt[c] = c < w ? vget(B.qt[c], j0) : splat(0.f);
+        transpose(qt);
+        for (int64_t l = 0; l < m; ++l) {
+          const int64_t j = j0 + l;
+          vf q[4];
+          fetch_corners(Q.q, w, o, j, n, q);
+          if (G.q && j + kAhead < n)
+            for (int k = 0; k < 4; ++k) __builtin_prefetch(G.q + o.off[k][j + kAhead], 1);
+          const vf dq = k2[j] * (qt[l] - blend(t.w[0], j, q));
+          d[l] = X.on_prob ? qt[l] * (dq - dt[j]) : dq;
           // corners of zero weight (outside the image included) and pixels without gradient
-          // scatter nothing (an explicit 0, not 0 * a possibly infinite q)
-          for (int k = 0; k < 4; ++k) {
-            const vf wk = vget(t.w[k], j);
-            const vf g = wk * (X.on_prob ? q.q[k] * (-dq - load(X.st_dk[k] + i0 + j, m)) : -dq);
-            vput(P.gk[k], j, sel((wk != 0.f) & (k2 != 0.f), g, splat(0.f)));
-          }
-          if (X.gpt) store(X.gpt + (b * X.C + c) * X.HW + pix0 + j, X.on_prob ? qt * (dq - load(X.st_dt + i0 + j, m)) : dq, m);
+          // scatter nothing (not 0 * a possibly infinite dq)
+          if (G.q && k2[j] != 0.f)
+            for (int k = 0; k < 4; ++k)
+              if (t.w[k][j] != 0.f) {  // (an invalid corner has weight 0: its offset is never used here)
+                float* a = G.q + o.off[k][j];
+                storen(a, loadn(a, w) - t.w[k][j] * dq, w);
+              }
         }
-        if (X.gptk) {  // branch-free: a corner that scatters nothing adds +0 (to element 0)
-          float* g = X.gptk + (b * X.C + c) * X.HW;
-          for (int64_t j = 0; j < n; ++j)
-            for (int k = 0; k < 4; ++k) g[t.idx[k][j]] += P.gk[k][j];
+        if (X.gpt) {
+          transpose(d);
+          for (int c = 0; c < w; ++c) store(X.gpt + (b * X.C + c0 + c) * X.HW + pix0 + j0, d[c], m);
         }
       }
     }
 }
 
-// --- the three passes ----------------------------------------------------------------------------
+// --- pass C: d pred_tk from d q_tk --------------------------------------------------------------
+
+// In place over Q (pixel by pixel): q (G - <q, G>) (the softmax backward, on="prob"), or G.
+TC_INLINE void softmax_backward_pixels(const Blocked& Q, const Blocked& G, bool on_prob, int64_t p0, int64_t p1) {
+  for (int64_t j0 = p0; j0 < p1; j0 += L) {
+    const int64_t m = std::min<int64_t>(L, p1 - j0);
+    vf s{};
+    if (on_prob) {
+      vf acc[L];
+      for (int l = 0; l < L; ++l) acc[l] = splat(0.f);
+      for (int64_t g = 0; g < Q.blocks(); ++g) {
+        const int w = Q.width(g);
+        for (int64_t l = 0; l < m; ++l)
+          acc[l] += loadn(Q.block(g) + (j0 + l) * w, w) * loadn(G.block(g) + (j0 + l) * w, w);
+      }
+      transpose(acc);
+      for (int l = 0; l < L; ++l) s += acc[l];
+    }
+    for (int64_t g = 0; g < Q.blocks(); ++g) {
+      const int w = Q.width(g);
+      for (int64_t l = 0; l < m; ++l) {
+        float* q = Q.block(g) + (j0 + l) * w;
+        const vf gq = loadn(G.block(g) + (j0 + l) * w, w);
+        storen(q, on_prob ? loadn(q, w) * (gq - s[l]) : gq, w);
+      }
+    }
+  }
+}
+
+// Pixels [p0, p1) of the blocked Q into planar rows of dst (stride HW).
+TC_INLINE void block_to_rows(const Blocked& Q, float* dst, int64_t p0, int64_t p1) {
+  for (int64_t g = 0; g < Q.blocks(); ++g) {
+    const int w = Q.width(g);
+    for (int64_t j0 = p0; j0 < p1; j0 += L) {
+      const int64_t m = std::min<int64_t>(L, p1 - j0);
+      vf r[L];
+      for (int l = 0; l < L; ++l) r[l] = l < m ? loadn(Q.block(g) + (j0 + l) * w, w) : splat(0.f);
+      transpose(r);
+      for (int c = 0; c < w; ++c) storen(dst + (Q.lo(g) + c) * Q.HW + j0, r[c], static_cast<int>(m));
+    }
+  }
+}
+
+// --- the passes, one batch item at a time ---------------------------------------------------------
 
 template <typename S>
 void run(const Ctx<S>& X, const S* ptk) {
-  const int64_t rows = X.B * X.H;
-  if (X.q_out)
-    parallel_items(rows, 8, [&] { return [&](int64_t lo, int64_t hi) { corner_source_rows<S>(X, ptk, X.q_out, lo, hi); }; });
-  parallel_items(rows, 4, [&] {
-    return [&, R = std::make_unique<RowScratch>()](int64_t lo, int64_t hi) { pass_a_rows<S>(X, lo, hi, *R); };
-  });
-  if (!X.st_m) return;
-  // Pass B items: (batch item, group of G channels), G chosen so there are a few items per
-  // thread. When d pred_tk holds the corner source, a group's planes are copied out before
-  // they are zeroed and scattered into: at most ~4 MiB of copies per thread.
-  const int64_t per_b = std::max<int64_t>(1, std::min<int64_t>(X.C, (4 * at::get_num_threads() + X.B - 1) / X.B));
-  int64_t G = (X.C + per_b - 1) / per_b;
-  const bool aliased = X.gptk && X.gptk == X.qsrc;
-  if (aliased) G = std::max<int64_t>(1, std::min<int64_t>(G, (int64_t(1) << 20) / std::max<int64_t>(X.HW, 1)));
-  const int64_t groups = (X.C + G - 1) / G;
-  parallel_items(X.B * groups, 1, [&] {
-    return [&, P = std::make_unique<PlaneScratch>(), copy = std::vector<float>(aliased ? G * X.HW : 0),
-            planes = std::vector<const float*>(G)](int64_t lo, int64_t hi) mutable {
-      for (int64_t item = lo; item < hi; ++item) {
-        const int64_t b = item / groups, c0 = (item % groups) * G, c1 = std::min(X.C, c0 + G);
-        for (int64_t c = c0; c < c1; ++c) {
-          const float* plane = X.qsrc + (b * X.C + c) * X.HW;
-          if (aliased) {
-            float* dst = copy.data() + (c - c0) * X.HW;
-            std::memcpy(dst, plane, X.HW * sizeof(float));
-            std::memset(X.gptk + (b * X.C + c) * X.HW, 0, X.HW * sizeof(float));
-            plane = dst;
-          }
-          planes[c - c0] = plane;
+  const int64_t C = X.C, H = X.H, HW = X.HW;
+  // the corner source, then kQPad zeros, then img_tk blocked, then kQPad zeros
+  const Blocked Q{X.q, C, HW}, I{X.q + C * HW + kQPad, X.Ci, HW};
+  const int64_t strips = (X.W + kTile - 1) / kTile;
+  for (int64_t b = 0; b < X.B; ++b) {
+    const S* ptk_b = ptk + b * C * HW;
+    parallel_items(H, 8, [&] {
+      return [&, Sc = std::make_unique<SourceScratch>(C)](int64_t lo, int64_t hi) {
+        corner_source_rows<S>(X, ptk_b, Q, X.itk + b * X.Ci * HW, I, lo, hi, *Sc);
+      };
+    });
+    parallel_items(strips * H, 8, [&] {
+      return [&, R = std::make_unique<RowScratch>(C, X.Ci)](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          const int64_t y = i % H, x0 = i / H * kTile;
+          if (X.grads) pass_a_chunk<S, true>(X, Q, I, b, y, x0, *R);
+          else pass_a_chunk<S, false>(X, Q, I, b, y, x0, *R);
         }
-        pass_b_planes<S>(X, b, c0, c1, planes.data(), *P);
-      }
-    };
-  });
+      };
+    });
+    if (!X.gpt && !X.gptk) continue;
+    // d q_tk accumulates in d pred_tk's (zeroed) buffer, blocked; pass C then turns it into
+    // d pred_tk over Q (whose source is no longer needed) and transposes that back.
+    const Blocked G{X.gptk ? X.gptk + b * C * HW : nullptr, C, HW};
+    parallel_items(Q.blocks(), 1, [&] {
+      return [&, S_ = std::make_unique<BlockScratch>()](int64_t lo, int64_t hi) {
+        for (int64_t g = lo; g < hi; ++g) pass_b_block<S>(X, Q, G, b, g, *S_);
+      };
+    });
+    if (!X.gptk) continue;
+    const int64_t span = 64 * kTile;
+    parallel_items((HW + span - 1) / span, 1, [&] {
+      return [&](int64_t lo, int64_t hi) {
+        softmax_backward_pixels(Q, G, X.on_prob, lo * span, std::min(HW, hi * span));
+      };
+    });
+    parallel_items((HW + span - 1) / span, 1, [&] {
+      return [&](int64_t lo, int64_t hi) { block_to_rows(Q, G.q, lo * span, std::min(HW, hi * span)); };
+    });
+  }
 }
 
 void run_f32(const Ctx<float>& X, const float* ptk) { run<float>(X, ptk); }
