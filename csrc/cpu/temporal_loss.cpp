@@ -35,6 +35,9 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../temporal_loss_host.h"
 
@@ -164,6 +167,21 @@ void run_isa(const Ctx<at::Half>& X, const at::Half* ptk) { TC_RUN(f16, X, ptk) 
 void run_isa(const Ctx<at::BFloat16>& X, const at::BFloat16* ptk) { TC_RUN(bf16, X, ptk) }
 #undef TC_RUN
 
+// Asks for transparent huge pages on a fresh buffer's whole 2 MiB pages, before it is first
+// touched: the blocked copies are read at random corners (4 KiB pages then cost a TLB miss per
+// corner row) and are allocated anew by every call (one page fault per 4 KiB otherwise). A
+// hint only: ignored where THP is off.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), e = p + t.nbytes();
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = e & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 template <typename S>
 void run_rows(const TLTensors& T) {
   const TLParams& P = T.P;
@@ -188,6 +206,7 @@ void run_rows(const TLTensors& T) {
   // one batch item's corner source at a time, and its per-pixel state for pass B
   // one batch item's corner source and img_tk, channel-blocked, each followed by kQPad zeros
   at::Tensor qbuf = at::empty({(P.C + P.Ci) * HW + 2 * kQPad}, T.flow.options());
+  advise_huge_pages(qbuf);
   qbuf.narrow(0, P.C * HW, kQPad).zero_();
   qbuf.narrow(0, (P.C + P.Ci) * HW + kQPad, kQPad).zero_();
   X.q = qbuf.data_ptr<float>();
@@ -272,6 +291,10 @@ void run_per_pixel(const TLTensors& T) {
 }
 
 void run_cpu(TLTensors& T) {
+  if (T.g_ptk_acc.defined()) {  // scattered into at random corners: huge pages, then zeros
+    advise_huge_pages(T.g_ptk_acc);
+    T.g_ptk_acc.zero_();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T.pt.scalar_type(), "tcloss_temporal_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if constexpr (std::is_same_v<scalar_t, double>) {
