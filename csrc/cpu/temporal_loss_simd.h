@@ -248,14 +248,15 @@ TC_INLINE void warp_channels(const Blocked& Q, const Taps& t, int64_t n, CornerO
   }
 }
 
-// Planar rows src[c * ss + j] (c < w, j < n) <-> the blocked pixels dst[j * w + c], L pixels
-// per transpose.
+// Planar rows src[c * ss + j] (c < w, j < n) into the blocked pixels dst[j * w + c], L pixels
+// per transpose; nothing past a row's n floats is read.
 TC_INLINE void rows_to_block(const float* src, int64_t ss, int w, int64_t n, float* dst) {
   for (int64_t j0 = 0; j0 < n; j0 += L) {
     vf r[L];
-    for (int c = 0; c < L; ++c) r[c] = c < w ? vget(src + c * ss, j0) : splat(0.f);
+    const int64_t m = std::min<int64_t>(L, n - j0);
+    for (int c = 0; c < L; ++c) r[c] = c < w ? loadn(src + c * ss + j0, static_cast<int>(m)) : splat(0.f);
     transpose(r);
-    for (int64_t l = 0; l < std::min<int64_t>(L, n - j0); ++l) storen(dst + (j0 + l) * w, r[l], w);
+    for (int64_t l = 0; l < m; ++l) storen(dst + (j0 + l) * w, r[l], w);
   }
 }
 
@@ -466,7 +467,7 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G,
       prefetch_corners(Q.q, o, n);
       for (int64_t j0 = 0; j0 < n; j0 += L) {
         const int64_t m = std::min<int64_t>(L, n - j0);
-        vf qt[L], d[L];
+        vf qt[L], d[L] = {};
         for (int c = 0; c < L; ++c) qt[c] = c < w ? vget(B.qt[c], j0) : splat(0.f);
         transpose(qt);
         for (int64_t l = 0; l < m; ++l) {
