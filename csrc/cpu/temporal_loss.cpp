@@ -47,7 +47,7 @@ namespace {
 #define TC_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kQPad = 16;  // zeros past a batch item's blocked corner source (simd.h: Blocked)
-constexpr int64_t kTile = 128;  // pixels per chunk: the chunk's per-pixel and per-channel rows stay in L1
+constexpr int64_t kTile = 128;  // pixels per chunk, and the strip width of passes A and B (19 channels: ~40 KiB of rows)
 
 // Items [0, n) handed out `chunk` at a time from a shared counter to at most get_num_threads()
 // threads; make() builds one thread's worker (its scratch), called as work(lo, hi). The result
