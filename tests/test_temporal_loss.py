@@ -437,8 +437,9 @@ def needs_cpp():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_gradients_are_deterministic(dtype):
-    """The CPU kernels scatter without atomics (float32: channel planes in pixel order; float64:
-    one thread per batch item): bitwise repeatable, and the same bits with 1 and 2 threads."""
+    """The CPU kernels scatter without atomics (float32: each block of channels in a fixed pixel
+    order; float64: one thread per batch item): bitwise repeatable, and the same bits with 1 and
+    2 threads."""
     needs_cpp()
     inputs = make_inputs(1, 7, 33, 40, dtype=dtype, flow_scale=6.0, seed=21)
     first = run("cpp", inputs)
