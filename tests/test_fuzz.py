@@ -378,6 +378,17 @@ def _prop_temporal(data, backend, tiny=False):
         mag *= max(1, B * H * W)
     check_close(loss, want, atol * mag, rtol, f"loss ({backend})")
 
+    # on="logit": q_tk is warped at its own magnitude, so every implementation (the float32
+    # reference too) rounds the warp to ~eps |q| while the differences that the gradients are
+    # made of are of the size of the logits' spread: relative error ~ eps |q| / spread
+    grad_rtol = 0.0
+    if on == "logit":
+        v = torch.cat([pt0.detach().double().flatten(), ptk0.detach().double().flatten()])
+        v = v[torch.isfinite(v)]
+        spread = v.std().item() if v.numel() > 1 else 0.0
+        if spread > 0:
+            grad_rtol = 16 * torch.finfo(acc).eps * finite_absmax(v) / spread
+
     # gradients, with a random cotangent for reduction="none"
     go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ins = [pt, fl] if opts["detach_target"] else [pt, ptk, fl]
@@ -389,9 +400,11 @@ def _prop_temporal(data, backend, tiny=False):
         assert g is not None and g.shape == x.shape and g.dtype == x.dtype, (name, None if g is None else g.dtype)
         if name == "flow":
             # flow gradients: float32 sums of C products of low-precision values
-            check_grad(g, rg, tol(cdt, fdt, acc), f"grad flow ({backend})", _flow_kink_mask(fl0.to(acc), H, W))
+            atol, rtol = tol(cdt, fdt, acc)
+            check_grad(g, rg, (atol, rtol + grad_rtol), f"grad flow ({backend})", _flow_kink_mask(fl0.to(acc), H, W))
         else:
-            check_grad(g, rg, tol(x.dtype, acc), f"grad {name} ({backend})")
+            atol, rtol = tol(x.dtype, acc)
+            check_grad(g, rg, (atol, rtol + grad_rtol), f"grad {name} ({backend})")
 
 
 @pytest.mark.parametrize("backend", cpu_backends("temporal_loss"))

@@ -500,6 +500,31 @@ def test_large_logits_as_accurate_as_the_reference(backend, device):
     torch.testing.assert_close(loss.cpu(), torch.full((1, 2, 2), expected), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_flow_gradient_of_equal_large_corners_is_zero(backend, device, padding):
+    """The flow derivative of the warp takes corner differences first (as grid_sample does):
+    where the four corners agree it is exactly 0, however large they are. Summed as
+    sum_k (d a_k / d px) q_k, logits of 1e4 left ~1e-3 of rounding per channel, times dq of
+    ~1e3 (the fuzz suite's find: d flow 0.16 where the reference has 0)."""
+    g = torch.Generator().manual_seed(3)
+    pt = (torch.randn(1, 2, 4, 9, generator=g) + 1e4).to(device).requires_grad_()
+    ptk = torch.full((1, 2, 4, 9), 1e4, device=device).requires_grad_()  # every corner equal
+    flow = (torch.rand(1, 2, 4, 9, generator=g) * 4 - 2).to(device).requires_grad_()
+    img = torch.zeros(1, 3, 4, 9, device=device)
+    loss = tcloss.temporal_loss(pt, ptk, flow, img, img, on="logit", padding=padding, backend=backend)
+    loss.backward()
+    if padding == "border":
+        assert torch.equal(flow.grad, torch.zeros_like(flow.grad)), flow.grad.abs().max()
+    else:  # zeros padding: only samples whose corners all lie inside the image see equal corners
+        x = torch.arange(9, device=device).view(1, 9) + flow[0, 0].detach()
+        y = torch.arange(4, device=device).view(4, 1) + flow[0, 1].detach()
+        inside = (x >= 0) & (x <= 8) & (y >= 0) & (y <= 3)
+        inside &= (x.floor() + 1 <= 8) & (y.floor() + 1 <= 3)
+        assert inside.sum() >= 6
+        assert torch.equal(flow.grad[0][:, inside], torch.zeros(2, int(inside.sum()), device=device))
+
+
 # ---------------------------------------------------------------- issue 12: reliability ----------
 
 @pytest.mark.parametrize("kw,exc,msg", [

@@ -130,13 +130,14 @@ struct Blocked {
 
 // Bilinear taps of a chunk (bilinear_taps of kernels/common.h), structure of arrays; an
 // invalid corner (outside the image, non-finite flow, a lane past the chunk) has weight 0,
-// index 0 and valid 0, and every read through it is masked.
+// index 0 and valid 0, and reads 0 (CornerOffsets). ax, ay: the flow derivatives' weights of
+// the corner differences (BilinearTaps::ax, ay).
 struct Taps {
   alignas(64) int32_t idx[4][kTile];
   alignas(64) int32_t valid[4][kTile];
   alignas(64) float w[4][kTile];
-  alignas(64) float dwx[4][kTile];
-  alignas(64) float dwy[4][kTile];
+  alignas(64) float ax[2][kTile];
+  alignas(64) float ay[2][kTile];
   alignas(64) int32_t finite[kTile];
 };
 
@@ -171,17 +172,16 @@ TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t 
     const vi ix = __builtin_convertvector(flx, vi), iy = __builtin_convertvector(fly, vi);
     const vf tx = px - flx, ty = py - fly;
     const vf wk[4] = {(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty};
-    const vf dxk[4] = {-(1 - ty), (1 - ty), -ty, ty};
-    const vf dyk[4] = {-(1 - tx), -tx, (1 - tx), tx};
     for (int k = 0; k < 4; ++k) {
       const vi xs = ix + (k & 1), ys = iy + (k >> 1);
       const vi v = ok & (xs >= 0) & (xs < static_cast<int32_t>(W)) & (ys >= 0) & (ys < static_cast<int32_t>(H));
       vputi(t.valid[k], j, v);
       vputi(t.idx[k], j, v ? ys * static_cast<int32_t>(W) + xs : splati(0));
       vput(t.w[k], j, sel(v, wk[k], zero));
-      vput(t.dwx[k], j, sel(v, dxk[k] * gx, zero));
-      vput(t.dwy[k], j, sel(v, dyk[k] * gy, zero));
     }
+    // (0 where the pixel reads nothing: ok is false)
+    vput(t.ax[0], j, sel(ok, (1 - ty) * gx, zero)), vput(t.ax[1], j, sel(ok, ty * gx, zero));
+    vput(t.ay[0], j, sel(ok, (1 - tx) * gy, zero)), vput(t.ay[1], j, sel(ok, tx * gy, zero));
     vputi(t.finite, j, fin);
   }
 }
@@ -221,8 +221,8 @@ TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
 }
 
 // The warped corner source over the chunk, planar: out[c][j] (rows kTile long) = sum_k w_k
-// q_k[c], and with kGrads also ox/oy = sum_k dwx_k q_k[c] and sum_k dwy_k q_k[c] (the flow
-// derivatives). Per pixel, one vector load per corner and block; per L pixels, one transpose
+// q_k[c], and with kGrads also the flow derivatives ox = ax_0 (q_1 - q_0) + ax_1 (q_3 - q_2)
+// and oy = ay_0 (q_2 - q_0) + ay_1 (q_3 - q_1). Per pixel, one vector load per corner and block; per L pixels, one transpose
 // per output.
 template <bool kGrads>
 TC_INLINE void warp_channels(const Blocked& Q, const Taps& t, int64_t n, CornerOffsets& o, float* out, float* ox,
@@ -237,7 +237,11 @@ TC_INLINE void warp_channels(const Blocked& Q, const Taps& t, int64_t n, CornerO
         vf q[4];
         fetch_corners(Q.q, w, o, j0 + l, n, q);
         r[0][l] = blend(t.w[0], j0 + l, q);
-        if (kGrads) r[1][l] = blend(t.dwx[0], j0 + l, q), r[2][l] = blend(t.dwy[0], j0 + l, q);
+        if (kGrads) {
+          const int64_t j = j0 + l;
+          r[1][l] = t.ax[0][j] * (q[1] - q[0]) + t.ax[1][j] * (q[3] - q[2]);
+          r[2][l] = t.ay[0][j] * (q[2] - q[0]) + t.ay[1][j] * (q[3] - q[1]);
+        }
       }
       float* dst[3] = {out, ox, oy};
       for (int a = 0; a < (kGrads ? 3 : 1); ++a) {

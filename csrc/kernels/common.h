@@ -58,8 +58,12 @@ struct BilinearTaps {
   index_t off[4];  // y*W + x of each corner (only meaningful where valid)
   bool valid[4];
   acc_t w[4];
-  acc_t dwdx[4];
-  acc_t dwdy[4];
+  // d/dpx of the sample = ax[0] (q1 - q0) + ax[1] (q3 - q2), d/dpy = ay[0] (q2 - q0) +
+  // ay[1] (q3 - q1), with q = 0 at a corner outside the image (and the border clamp's zero
+  // gradient folded in): differences first, so that equal corners give exactly 0 however
+  // large they are (a sum of w'_k q_k loses that to rounding, worse under FMA contraction)
+  acc_t ax[2];
+  acc_t ay[2];
   bool finite;  // false when the sample coordinate is NaN/inf: nothing is read
 };
 
@@ -72,10 +76,9 @@ HOST_DEVICE_INLINE void bilinear_taps(acc_t px, acc_t py, index_t H, index_t W, 
   for (int k = 0; k < 4; ++k) {
     t.valid[k] = false;
     t.w[k] = acc_t(0);
-    t.dwdx[k] = acc_t(0);
-    t.dwdy[k] = acc_t(0);
     t.off[k] = 0;
   }
+  t.ax[0] = t.ax[1] = t.ay[0] = t.ay[1] = acc_t(0);
   if (!t.finite) return;
   acc_t gx = acc_t(1), gy = acc_t(1);
   const acc_t xmax = acc_t(W - 1), ymax = acc_t(H - 1);
@@ -96,16 +99,14 @@ HOST_DEVICE_INLINE void bilinear_taps(acc_t px, acc_t py, index_t H, index_t W, 
   const index_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
   const index_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
   const acc_t w[4] = {(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty};
-  const acc_t dx[4] = {-(1 - ty), (1 - ty), -ty, ty};
-  const acc_t dy[4] = {-(1 - tx), -tx, (1 - tx), tx};
+  t.ax[0] = (1 - ty) * gx, t.ax[1] = ty * gx;
+  t.ay[0] = (1 - tx) * gy, t.ay[1] = tx * gy;
   for (int k = 0; k < 4; ++k) {
     const bool v = xs[k] >= 0 && xs[k] < W && ys[k] >= 0 && ys[k] < H;
     t.valid[k] = v;
     if (v) {
       t.off[k] = ys[k] * W + xs[k];
       t.w[k] = w[k];
-      t.dwdx[k] = dx[k] * gx;
-      t.dwdy[k] = dy[k] * gy;
     }
   }
 }

@@ -104,12 +104,10 @@ struct TLAccum {
 template <typename acc_t, typename index_t>
 HOST_DEVICE_INLINE void tl_channel_accumulate(const BilinearTaps<acc_t, index_t>& t, acc_t qt, const acc_t qk[4], bool grads,
                                               acc_t k2, TLAccum<acc_t>& A) {
-  acc_t w = acc_t(0), wx = acc_t(0), wy = acc_t(0);
-  for (int k = 0; k < 4; ++k) {
-    w += t.w[k] * qk[k];
-    wx += t.dwdx[k] * qk[k];
-    wy += t.dwdy[k] * qk[k];
-  }
+  acc_t w = acc_t(0);
+  for (int k = 0; k < 4; ++k) w += t.w[k] * qk[k];
+  const acc_t wx = t.ax[0] * (qk[1] - qk[0]) + t.ax[1] * (qk[3] - qk[2]);
+  const acc_t wy = t.ay[0] * (qk[2] - qk[0]) + t.ay[1] * (qk[3] - qk[1]);
   const acc_t diff = qt - w;
   A.sumsq += diff * diff;
   if (grads) {
