@@ -32,9 +32,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -43,8 +40,6 @@
 
 namespace tcloss {
 namespace {
-
-#define TC_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kQPad = 16;  // zeros past a batch item's blocked corner source (simd.h: Blocked)
 constexpr int64_t kTile = 128;  // pixels per chunk, and the strip width of passes A and B (19 channels: ~40 KiB of rows)
@@ -85,87 +80,14 @@ struct Ctx {
   float* gptk;  // (B,C,H,W), zeroed, or null
 };
 
-// temporal_loss_simd.h once per instruction set, each with its lane count, vector types and
-// masked loads and stores; run_isa() picks one at first use.
-namespace v4 {  // the x86-64 baseline (SSE2), and any other architecture
-constexpr int L = 4;
-typedef float vf __attribute__((vector_size(16)));
-typedef int32_t vi __attribute__((vector_size(16)));
-TC_INLINE vf loadn(const float* p, int n) {
-  vf r{};
-  for (int l = 0; l < n; ++l) r[l] = p[l];
-  return r;
-}
-TC_INLINE void storen(float* p, vf v, int n) {
-  for (int l = 0; l < n; ++l) p[l] = v[l];
-}
-#include "temporal_loss_simd.h"
-}  // namespace v4
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TC_HAVE_X86_ISAS 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
-namespace v8 {
-constexpr int L = 8;
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-TC_INLINE __m256i lanes_below(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
-TC_INLINE vf loadn(const float* p, int n) { return (vf)_mm256_maskload_ps(p, lanes_below(n)); }
-TC_INLINE void storen(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), (__m256)v); }
-#include "temporal_loss_simd.h"
-}  // namespace v8
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c,bmi,bmi2,popcnt")
-namespace v16 {
-constexpr int L = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-TC_INLINE __mmask16 lanes_below(int n) { return static_cast<__mmask16>((1u << n) - 1); }
-TC_INLINE vf loadn(const float* p, int n) { return (vf)_mm512_maskz_loadu_ps(lanes_below(n), p); }
-TC_INLINE void storen(float* p, vf v, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), (__m512)v); }
-#include "temporal_loss_simd.h"
-}  // namespace v16
-#pragma GCC pop_options
-#endif
+// temporal_loss_simd.h once per instruction set (cpu/isa.h); run_isa() picks one at first use.
+#define TC_ISA_BODY "temporal_loss_simd.h"
+#include "isa.h"
+#undef TC_ISA_BODY
 
-// The widest instruction set this CPU (and OS) supports, capped by TCLOSS_CPU_ISA=base|avx2|avx512
-// (tests run every variant on one machine with it).
-enum class Isa { kBase, kAvx2, kAvx512 };
-Isa cpu_isa() {
-#ifdef TC_HAVE_X86_ISAS
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    Isa best = Isa::kBase;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-      best = Isa::kAvx512;
-    const char* cap = std::getenv("TCLOSS_CPU_ISA");
-    if (cap && std::strcmp(cap, "base") == 0) return Isa::kBase;
-    if (cap && std::strcmp(cap, "avx2") == 0) return std::min(best, Isa::kAvx2);
-    return best;
-  }();
-  return isa;
-#else
-  return Isa::kBase;
-#endif
-}
-
-#ifdef TC_HAVE_X86_ISAS
-#define TC_RUN(sfx, X, ptk)                                       \
-  switch (cpu_isa()) {                                            \
-    case Isa::kAvx512: return v16::run_##sfx(X, ptk);             \
-    case Isa::kAvx2: return v8::run_##sfx(X, ptk);                \
-    default: return v4::run_##sfx(X, ptk);                        \
-  }
-#else
-#define TC_RUN(sfx, X, ptk) return v4::run_##sfx(X, ptk);
-#endif
-void run_isa(const Ctx<float>& X, const float* ptk) { TC_RUN(f32, X, ptk) }
-void run_isa(const Ctx<at::Half>& X, const at::Half* ptk) { TC_RUN(f16, X, ptk) }
-void run_isa(const Ctx<at::BFloat16>& X, const at::BFloat16* ptk) { TC_RUN(bf16, X, ptk) }
-#undef TC_RUN
+void run_isa(const Ctx<float>& X, const float* ptk) { TC_ISA_CALL(run_f32, X, ptk) }
+void run_isa(const Ctx<at::Half>& X, const at::Half* ptk) { TC_ISA_CALL(run_f16, X, ptk) }
+void run_isa(const Ctx<at::BFloat16>& X, const at::BFloat16* ptk) { TC_ISA_CALL(run_bf16, X, ptk) }
 
 // Asks for transparent huge pages on a fresh buffer's whole 2 MiB pages, before it is first
 // touched: the blocked copies are read at random corners (4 KiB pages then cost a TLB miss per
