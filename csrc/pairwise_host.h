@@ -4,8 +4,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/ops/abs.h>
 #include <ATen/ops/amax.h>
+#include <ATen/ops/amin.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
@@ -17,10 +17,10 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/neg.h>
 #include <ATen/ops/ones_like.h>
-#include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -36,9 +36,11 @@ inline at::ScalarType pw_acc_type(at::ScalarType s) { return s == at::kDouble ? 
 
 // Per row of xt (B,N,C), the power of two 2^-e that brings max |x| into [0.5, 1) (e the frexp
 // exponent, clamped so that 2^-e stays a normal number: at most 2^126 in float32), (B,N,1).
-// Zero, infinite and NaN rows get 1. As tcloss.reference.pow2_scale.
+// Zero, infinite and NaN rows get 1. As tcloss.reference.pow2_scale (max |x| taken as
+// max(max x, -min x): no temporary of the size of x).
 inline at::Tensor pw_pow2_scale(const at::Tensor& xt) {
-  at::Tensor m = at::amax(at::abs(xt), at::IntArrayRef{2}, /*keepdim=*/true);
+  at::Tensor m = at::maximum(at::amax(xt, at::IntArrayRef{2}, /*keepdim=*/true),
+                             at::neg(at::amin(xt, at::IntArrayRef{2}, /*keepdim=*/true)));
   at::Tensor e = std::get<1>(at::frexp(m));
   const int64_t emin = xt.scalar_type() == at::kDouble ? -1022 : -126;
   return at::ldexp(at::ones_like(m), at::neg(at::clamp_min(e, emin)));
@@ -47,35 +49,35 @@ inline at::Tensor pw_pow2_scale(const at::Tensor& xt) {
 // (B,C,N) -> unit rows (B,N,C) contiguous in acc, with the norms ns (B,N,1) of the rows scaled
 // by the power of two s = pw_pow2_scale (kept for backward): |x| = ns / s is never formed, so
 // large finite features (1e20, 3e38: a float32 sum of squares of inf) keep their direction,
-// and for ordinary ones xs / max(ns, eps s) has the bits of x / max(|x|, eps).
+// and for ordinary ones xs / max(ns, eps s) has the bits of x / max(|x|, eps). One buffer of the
+// size of x: the transposed copy, scaled and divided in place.
 struct PWUnit {
   at::Tensor xh, ns, s;
 };
 
 inline PWUnit pw_normalize(const at::Tensor& x, double eps, at::ScalarType acc) {
-  at::Tensor xt = x.to(acc).transpose(1, 2);
-  at::Tensor s = pw_pow2_scale(xt);
-  at::Tensor xs = at::mul(xt, s);
-  at::Tensor ns = at::linalg_vector_norm(xs, 2, at::IntArrayRef{2}, /*keepdim=*/true, c10::nullopt);
-  return {at::div(xs, at::maximum(ns, at::mul(s, eps))).contiguous(), ns, s};
+  at::Tensor xh = at::empty({x.size(0), x.size(2), x.size(1)}, x.options().dtype(acc));
+  xh.copy_(x.transpose(1, 2));
+  at::Tensor s = pw_pow2_scale(xh);
+  xh.mul_(s);
+  at::Tensor ns = at::linalg_vector_norm(xh, 2, at::IntArrayRef{2}, /*keepdim=*/true, c10::nullopt);
+  xh.div_(at::maximum(ns, at::mul(s, eps)));
+  return {xh, ns, s};
 }
 
-// d/dx of x / max(|x|, eps) from g = d/d(unit row): (g - xh <xh,g>)/|x| where |x| > eps (as
-// autograd through the reference's clamp: a tie counts as clamped), g/eps below; g / max(|x|,eps)
-// with detach_norm. Every 1/|x| is applied as (. / max(ns, eps s)) * s. -> (B,C,N).
-inline at::Tensor pw_norm_backward(const at::Tensor& g, const PWUnit& u, double eps, bool detach_norm,
+// d/dx of x / max(|x|, eps) from g = d/d(unit row), in place over g: (g - xh <xh,g>)/|x| where
+// |x| > eps (as autograd through the reference's clamp: a tie counts as clamped), g/eps below;
+// g / max(|x|,eps) with detach_norm. Every 1/|x| is applied as (. / max(ns, eps s)) * s.
+// -> (B,C,N) in dtype.
+inline at::Tensor pw_norm_backward(at::Tensor& g, const PWUnit& u, double eps, bool detach_norm,
                                    at::ScalarType dtype) {
   at::Tensor floor = at::mul(u.s, eps);
-  at::Tensor nc = at::maximum(u.ns, floor);
-  at::Tensor dx;
-  if (detach_norm) {
-    dx = at::mul(at::div(g, nc), u.s);
-  } else {
+  if (!detach_norm) {
     at::Tensor dot = at::sum(at::mul(u.xh, g), at::IntArrayRef{2}, /*keepdim=*/true);
-    at::Tensor full = at::mul(at::div(at::sub(g, at::mul(u.xh, dot)), nc), u.s);
-    dx = at::where(at::gt(u.ns, floor), full, at::mul(at::div(g, nc), u.s));
+    g.sub_(at::mul(u.xh, at::where(at::gt(u.ns, floor), dot, at::zeros_like(dot))));
   }
-  return dx.transpose(1, 2).to(dtype).contiguous();
+  g.div_(at::maximum(u.ns, floor)).mul_(u.s);
+  return g.transpose(1, 2).to(dtype).contiguous();
 }
 
 struct PWTensors {
@@ -108,11 +110,16 @@ inline PWTensors pw_prepare(const at::Tensor& sa, const at::Tensor& ta, const at
   PWTensors T;
   const double terms = static_cast<double>(B) * static_cast<double>(Na) * (loss == kPairwiseMSE ? Nb : 1);
   T.P = PWParams{B, Na, Nb, Cs, Ct, static_cast<int>(loss), 1.0 / temperature, 1.0 / terms};
-  PWUnit ua = pw_normalize(sa, eps, acc), ub = pw_normalize(sb, eps, acc);
+  // self-similarity passes the same tensor as both sides: normalised once
+  auto same = [](const at::Tensor& a, const at::Tensor& b) {
+    return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
+  };
+  PWUnit ua = pw_normalize(sa, eps, acc);
+  PWUnit ub = same(sa, sb) ? ua : pw_normalize(sb, eps, acc);
   T.as = ua.xh;
   T.bs = ub.xh;
   T.ats = pw_normalize(ta, eps, acc).xh;
-  T.bts = pw_normalize(tb, eps, acc).xh;
+  T.bts = same(ta, tb) ? T.ats : pw_normalize(tb, eps, acc).xh;
   if (keep_norms) {
     T.ua = std::move(ua);
     T.ub = std::move(ub);
@@ -149,9 +156,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_bwd_impl(Run run, const at::Tensor& 
   if (grad_b) T.gb = at::zeros({T.P.B, T.P.Nb, T.P.Cs}, opts);
   run(T);
   at::Tensor g = grad.to(T.as.scalar_type()).reshape({});  // dL/dloss, applied without a host sync
-  at::Tensor da = grad_a ? pw_norm_backward(at::mul(T.ga, g), T.ua, eps, detach_norm, sa.scalar_type())
+  at::Tensor da = grad_a ? pw_norm_backward(T.ga.mul_(g), T.ua, eps, detach_norm, sa.scalar_type())
                          : at::empty({0}, sa.options());
-  at::Tensor db = grad_b ? pw_norm_backward(at::mul(T.gb, g), T.ub, eps, detach_norm, sb.scalar_type())
+  T.ga = at::Tensor();
+  at::Tensor db = grad_b ? pw_norm_backward(T.gb.mul_(g), T.ub, eps, detach_norm, sb.scalar_type())
                          : at::empty({0}, sb.options());
   return {da, db};
 }

@@ -191,6 +191,51 @@ def test_blocked_low_precision(backend, device, dtype, loss):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+@pytest.mark.parametrize("shape", ["self", "rect"])
+def test_blocked_many_tiles(backend, device, loss, shape):
+    """Several row blocks and column tiles, none full (the CPU kernel: 128 x 256 tiles; its
+    backward sums the d A shares of column chunks, float tiles through the SIMD exp): float64
+    to ~1e-12 and float32 to its tolerance against the float64 reference."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the interpreter is too slow for N of several tiles")
+    Nb = None if shape == "self" else 601
+    for dtype in (torch.float64, torch.float32):
+        sa, ta, sb, tb = make(B=2, Cs=5, Ct=7, Na=300, Nb=Nb, dtype=dtype, device=device, seed=4)
+        if shape == "self":
+            sb = tb = None
+        kw = dict(loss=loss, temperature=0.3)
+        l_ref, g_ref = ref64(sa, ta, sb, tb, **kw)
+        l, g = run(sa, ta, sb, tb, algorithm="blocked", backend=backend, **kw)
+        atol, rtol = (1e-13, 1e-10) if dtype == torch.float64 else TOL[dtype]
+        torch.testing.assert_close(l.double(), l_ref, atol=atol, rtol=rtol)
+        for a, b in zip(g, g_ref):
+            scale = b.abs().max().item()
+            torch.testing.assert_close(a.double(), b, atol=atol + rtol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_cpp_same_bits_for_any_thread_count(loss):
+    """The CPU kernel's sums run in an order fixed by the shape: loss and gradients are bitwise
+    equal with 1, 2 and 3 threads (several row blocks and column chunks)."""
+    if not _avail("cpp", "cpu"):
+        pytest.skip("no cpp backend")
+    sa, ta, sb, tb = make(B=1, Cs=6, Ct=9, Na=260, Nb=1300, dtype=torch.float32, seed=5)
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            l, g = run(sa, ta, sb, tb, loss=loss, algorithm="blocked", backend="cpp")
+            out.append((l, *g))
+    finally:
+        torch.set_num_threads(before)
+    for other in out[1:]:
+        for a, b in zip(out[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
 def test_blocked_edge_shapes(backend, device):
     """N = 1, C = 1, a zero feature vector (finite thanks to eps), non-contiguous inputs."""
     for loss in ("mse", "kl"):
