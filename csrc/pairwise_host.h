@@ -9,6 +9,7 @@
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/frexp.h>
 #include <ATen/ops/gt.h>
 #include <ATen/ops/ldexp.h>
@@ -23,6 +24,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <utility>
@@ -69,12 +71,21 @@ inline PWUnit pw_normalize(const at::Tensor& x, double eps, at::ScalarType acc) 
 // |x| > eps (as autograd through the reference's clamp: a tie counts as clamped), g/eps below;
 // g / max(|x|,eps) with detach_norm. Every 1/|x| is applied as (. / max(ns, eps s)) * s.
 // -> (B,C,N) in dtype.
-inline at::Tensor pw_norm_backward(at::Tensor& g, const PWUnit& u, double eps, bool detach_norm,
+// g may be a transposed view of a (B,C,N) buffer: the result is then that buffer itself
+// (no copy) where dtype is the accumulation dtype. <xh, g> is reduced in slices of rows, so
+// that no temporary of the size of g exists.
+inline at::Tensor pw_norm_backward(const at::Tensor& g, const PWUnit& u, double eps, bool detach_norm,
                                    at::ScalarType dtype) {
   at::Tensor floor = at::mul(u.s, eps);
   if (!detach_norm) {
-    at::Tensor dot = at::sum(at::mul(u.xh, g), at::IntArrayRef{2}, /*keepdim=*/true);
-    g.sub_(at::mul(u.xh, at::where(at::gt(u.ns, floor), dot, at::zeros_like(dot))));
+    at::Tensor dot = at::empty_like(u.ns);
+    constexpr int64_t kRows = 1024;
+    for (int64_t i = 0; i < g.size(1); i += kRows) {
+      const int64_t n = std::min(kRows, g.size(1) - i);
+      dot.narrow(1, i, n).copy_(at::sum(at::mul(u.xh.narrow(1, i, n), g.narrow(1, i, n)), at::IntArrayRef{2},
+                                        /*keepdim=*/true));
+    }
+    g.addcmul_(u.xh, at::where(at::gt(u.ns, floor), dot, at::zeros_like(dot)), -1);
   }
   g.div_(at::maximum(u.ns, floor)).mul_(u.s);
   return g.transpose(1, 2).to(dtype).contiguous();
@@ -86,7 +97,10 @@ struct PWTensors {
   PWUnit ua, ub;              // the student sides' unit rows with their scaled norms (backward only)
   at::Tensor rowloss;         // (B,Na) per-row sums (forward)
   at::Tensor stats;           // (B,Na,2) lse of S_i/tau and T_i/tau (kl), else (0,)
-  at::Tensor ga, gb;          // (B,N,Cs) dL/d(unit student rows), undefined when not wanted
+  // dL/d(unit student rows), (B,N,Cs) in shape, undefined when not wanted; with
+  // grads_cn, transposed views of (B,Cs,N) buffers (the kernel accumulates into those: the
+  // gradient then needs no transposed copy at the end)
+  at::Tensor ga, gb;
 };
 
 inline PWTensors pw_prepare(const at::Tensor& sa, const at::Tensor& ta, const at::Tensor& sb, const at::Tensor& tb,
@@ -143,7 +157,8 @@ template <typename Run>
 std::tuple<at::Tensor, at::Tensor> pairwise_bwd_impl(Run run, const at::Tensor& grad, const at::Tensor& sa,
                                                      const at::Tensor& ta, const at::Tensor& sb, const at::Tensor& tb,
                                                      const at::Tensor& stats, int64_t loss, double temperature,
-                                                     double eps, bool detach_norm, bool grad_a, bool grad_b) {
+                                                     double eps, bool detach_norm, bool grad_a, bool grad_b,
+                                                     bool grads_cn) {
   TORCH_CHECK(grad.numel() == 1, "tcloss: pairwise_similarity_bwd: grad must be a scalar");
   PWTensors T = pw_prepare(sa, ta, sb, tb, loss, temperature, eps, true);
   auto opts = T.as.options();
@@ -152,8 +167,11 @@ std::tuple<at::Tensor, at::Tensor> pairwise_bwd_impl(Run run, const at::Tensor& 
                 "tcloss: pairwise_similarity_bwd: stats must be (B,Na,2) for kl, got ", stats.sizes());
     T.stats = stats.to(T.as.scalar_type()).contiguous();
   }
-  if (grad_a) T.ga = at::zeros({T.P.B, T.P.Na, T.P.Cs}, opts);
-  if (grad_b) T.gb = at::zeros({T.P.B, T.P.Nb, T.P.Cs}, opts);
+  auto grads = [&](int64_t N) {
+    return grads_cn ? at::zeros({T.P.B, T.P.Cs, N}, opts).transpose(1, 2) : at::zeros({T.P.B, N, T.P.Cs}, opts);
+  };
+  if (grad_a) T.ga = grads(T.P.Na);
+  if (grad_b) T.gb = grads(T.P.Nb);
   run(T);
   at::Tensor g = grad.to(T.as.scalar_type()).reshape({});  // dL/dloss, applied without a host sync
   at::Tensor da = grad_a ? pw_norm_backward(T.ga.mul_(g), T.ua, eps, detach_norm, sa.scalar_type())

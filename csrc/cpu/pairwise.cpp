@@ -116,8 +116,9 @@ void run_bwd(PWTensors& T) {
   const acc_t inv_tau = static_cast<acc_t>(P.inv_tau), c = static_cast<acc_t>(P.scale);
   const acc_t* stats = P.loss == kPairwiseKL ? T.stats.data_ptr<acc_t>() : nullptr;
   const int64_t ncb = cdiv(P.Nb, kBN), chunks = std::min(ncb, kMaxChunks), per = cdiv(ncb, chunks);
-  // chunk k's share of d A_s of the current row block (only when d A_s is wanted)
-  at::Tensor part = T.ga.defined() ? at::empty({chunks, kBM, P.Cs}, opts) : at::Tensor();
+  // chunk k's share of d A_s of the current row block (only when d A_s is wanted), laid out
+  // like T.ga (channels first: see pairwise_bwd_impl)
+  at::Tensor part = T.ga.defined() ? at::empty({chunks, P.Cs, kBM}, opts).transpose(1, 2) : at::Tensor();
   for (int64_t b = 0; b < P.B; ++b) {
     for (int64_t i0 = 0; i0 < P.Na; i0 += kBM) {
       const int64_t bm = std::min(kBM, P.Na - i0);
@@ -166,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad, const at::Ten
                                            int64_t loss, double temperature, double eps, bool detach_norm,
                                            bool grad_a, bool grad_b) {
   return pairwise_bwd_impl(bwd_dispatch, grad, sa, ta, sb, tb, stats, loss, temperature, eps, detach_norm, grad_a,
-                           grad_b);
+                           grad_b, /*grads_cn=*/true);
 }
 
 }  // namespace

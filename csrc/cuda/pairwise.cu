@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad, const at::Te
                                             int64_t loss, double temperature, double eps, bool detach_norm,
                                             bool grad_a, bool grad_b) {
   return pairwise_bwd_impl(run_bwd_cuda, grad, sa, ta, sb, tb, stats, loss, temperature, eps, detach_norm, grad_a,
-                           grad_b);
+                           grad_b, /*grads_cn=*/false);
 }
 
 }  // namespace
