@@ -297,7 +297,7 @@ def _pairwise_bwd_kernel(
 def _blocks(device: torch.device):
     if device.type != "cuda" or triton_interpret():
         return 16, 16, 16, 1  # the interpreter: small tiles run fastest
-    return 64, 64, 32, 4
+    return 64, 64, 16, 8
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -355,7 +355,7 @@ def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: Optio
     BM, BN, BK, nw = _blocks(sa.device)
     wrap_triton(_pairwise_fwd_kernel)[(triton.cdiv(Na, BM), B)](
         sa, ta, sb, tb, ras, rat, rbs, rbt, par, rowloss, stats, Na, Nb, Cs, Ct,
-        LOSS=int(loss), **_consts(sa, precision), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw)
+        LOSS=int(loss), **_consts(sa, precision), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=1)
     denom = B * Na * (Nb if loss == 0 else 1)
     return rowloss.sum() / denom, stats
 
@@ -402,7 +402,7 @@ def pairwise_similarity_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: tor
     wrap_triton(_pairwise_bwd_kernel)[(triton.cdiv(No, BO), B)](
         o_s, o_t, x_s, x_t, r_os, r_ot, r_xs, r_xt, par, stats, go, do, gx, dx, ticks, No, Nx, Cs, ta.shape[1],
         LOSS=int(loss), OWNER_ROWS=not own_b, X_ROWS=own_b or self_sim, GRAD_X=grad_x, **_consts(sa, precision),
-        BLOCK_O=BO, BLOCK_X=BX, BLOCK_K=BK, num_warps=nw)
+        BLOCK_O=BO, BLOCK_X=BX, BLOCK_K=BK, num_warps=nw, num_stages=1)
     if own_b:
         return (dx if grad_x else empty), do
     return do, empty
