@@ -3,8 +3,11 @@
 same inputs, time and peak extra memory in one run. Self-similarity of B=1 feature maps,
 student (C_s) vs teacher (C_t).
 
-GPU runs also record the executed FLOP rate of the blocked kernels (tile GEMMs including the
-backward's recomputation) and the peak extra memory as a multiple of the inputs' size. An
+GPU runs also time the Triton kernels at each ``precision`` (``blocked-triton`` = ``"ieee"``,
+``blocked-triton-tf32``, ``blocked-triton-bf16``) and record the executed FLOP rate of the
+blocked kernels (:func:`executed_flops`) beside the device's dense tensor-core peak for that
+precision (:data:`DENSE_PEAK_TFLOPS`), and the peak extra memory as a multiple of the inputs'
+size. An
 implementation that runs out of memory is recorded as ``oom`` (CUDA: caught in process; CPU:
 the RSS child fails and the timing is skipped).
 
@@ -21,6 +24,14 @@ from conftest import HAS_CUDA, backends_for, cpu_peak_extra, cuda_peak_extra, rs
 CHANNELS = [(19, 19), (128, 512)]  # predictions, features
 CPU_N = [576, 2304]
 GPU_N = [2304, 8192, 32768]
+GPU_PRECISIONS = ["ieee", "tf32", "bf16"]  # of the blocked-triton rows
+# Dense (no sparsity) tensor-core peak per device, TFLOP/s, from NVIDIA's H200 datasheet (the
+# H200 SXM: TF32 989.4 and BF16 1978.9 with sparsity, half that dense). "ieee" runs 3xTF32: three
+# TF32 MMAs per product, measured against the TF32 peak (its ceiling is a third of it).
+DENSE_PEAK_TFLOPS = {"NVIDIA H200": {"ieee": 494.7, "tf32": 494.7, "bf16": 989.4}}
+# Backends whose blocked backward recomputes each tile once (FlashAttention-2 ordering); the
+# others run one pass per owner side (rows, then columns), recomputing every tile twice.
+ONE_PASS = {"triton"}
 
 
 def make(N, Cs, Ct, device, dtype=torch.float32, seed=0):
@@ -30,11 +41,17 @@ def make(N, Cs, Ct, device, dtype=torch.float32, seed=0):
     return s, t
 
 
+def parse(impl):
+    """``algorithm[-backend[-precision]]`` -> (algorithm, backend, precision)."""
+    algorithm, backend, precision = (impl.split("-") + ["auto", "ieee"][impl.count("-"):])[:3]
+    return algorithm, backend, precision
+
+
 def fwd_bwd(impl, loss, inputs):
     s, t = inputs
     s.grad = None
-    algorithm, backend = impl.split("-") if "-" in impl else (impl, "auto")
-    out = tcloss.pairwise_similarity_loss(s, t, loss=loss, algorithm=algorithm, backend=backend)
+    algorithm, backend, precision = parse(impl)
+    out = tcloss.pairwise_similarity_loss(s, t, loss=loss, algorithm=algorithm, backend=backend, precision=precision)
     out.backward()
     return out
 
@@ -46,17 +63,25 @@ def cpu_rss_fwd_bwd(impl, loss, N, Cs, Ct):
 
 
 def executed_flops(impl, loss, N, Cs, Ct):
-    """Multiply-adds x 2 of the blocked kernels: forward S,T tiles; backward (two owner passes for
-    self-similarity) recomputes S,T and multiplies G by the other side's student rows."""
-    if not impl.startswith("blocked"):
+    """Multiply-adds x 2 of the blocked kernels on the self-similarity of N pixels: the forward's
+    S,T tiles, 2 N^2 (C_s + C_t); the backward recomputes S,T and multiplies G by student rows.
+    One pass (ONE_PASS): each tile once, and by symmetry one G GEMM per tile (G_ij + G_ji):
+    2 N^2 (C_s + C_t + C_s). Otherwise one pass per owner side (rows, columns): twice that."""
+    algorithm, backend, _ = parse(impl)
+    if algorithm != "blocked":
         return None
     nn = float(N) * N
-    return 2 * nn * ((Cs + Ct) + 2 * ((Cs + Ct) + Cs))
+    passes = 1 if backend in ONE_PASS else 2
+    return 2 * nn * ((Cs + Ct) + passes * ((Cs + Ct) + Cs))
 
 
 def _impls(device, loss):
     names = ["naive"] + (["gram"] if loss == "mse" else [])
-    names += [f"blocked-{b}" for b in backends_for("pairwise_similarity_loss", device) if b != "reference"]
+    for b in backends_for("pairwise_similarity_loss", device):
+        if b == "triton":
+            names += ["blocked-triton"] + [f"blocked-triton-{p}" for p in GPU_PRECISIONS if p != "ieee"]
+        elif b != "reference":
+            names.append(f"blocked-{b}")
     return names
 
 
@@ -109,3 +134,6 @@ def test_pairwise_fwd_bwd(benchmark, device_info, device, impl, loss, N, Cs, Ct)
     fl = executed_flops(impl, loss, N, Cs, Ct)
     if fl is not None:
         benchmark.extra_info["executed_TFLOPs"] = fl / benchmark.stats.stats.min / 1e12
+        peak = DENSE_PEAK_TFLOPS.get(device_info.get("gpu"), {}).get(parse(impl)[2]) if device == "cuda" else None
+        if peak:
+            benchmark.extra_info["dense_peak_TFLOPs"] = peak

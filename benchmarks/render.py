@@ -54,6 +54,10 @@ def render(paths):
             head += " achieved GB/s | of copy bandwidth |"
         if has_sol:
             head += " SOL ms | % of SOL |"
+        # the pair-wise suite: executed TFLOP/s of the blocked kernels against the dense peak
+        has_fl = any("executed_TFLOPs" in r["extra_info"] for r in rows)
+        if has_fl:
+            head += " x inputs | TFLOP/s | % of dense peak |"
         lines.append(head)
         lines.append("|" + "---|" * (head.count("|") - 1))
         for r in rows:
@@ -68,6 +72,10 @@ def render(paths):
             if has_sol:
                 sol = e["sol_bytes"] / (e["copy_bandwidth_GBps"] * 1e9)
                 row += f" {sol * 1e3:.2f} | {100 * sol / s['min']:.0f}% |"
+            if has_fl:
+                over, fl, peak = e.get("peak_over_inputs"), e.get("executed_TFLOPs"), e.get("dense_peak_TFLOPs")
+                row += (f" {over:.2f} |" if over is not None else " – |") + (f" {fl:.1f} |" if fl else " – |")
+                row += f" {100 * fl / peak:.0f}% of {peak:g} |" if fl and peak else " – |"
             lines.append(row)
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """Static resource usage of tcloss's Triton kernels on sm_90 (H100/H200), without a GPU.
 
 What: for each kernel configuration the launchers really use, registers per thread, spills,
-shared memory, num_warps, how the scatter atomics are emitted (``red``/``atom`` and their memory
+shared memory, num_warps, tensor-core instructions (``wgmma``/``mma`` in the PTX), how the scatter atomics are emitted (``red``/``atom`` and their memory
 semantics) and how many global loads/stores are vectorised, printed as a markdown table.
 
 How: each launcher is run on ``meta`` tensors with its kernel swapped for a recorder, so the
@@ -104,21 +104,25 @@ def temporal_calls(T=None):
 
 
 def pairwise_calls():
+    """Per precision: forward mse/kl, and the one-pass backward for self-similarity (owner rows,
+    both G terms) and for two tensors (owner columns, row side in ticket order)."""
     from tcloss._backends import pairwise_triton as P
     calls, out = [], []
     rec = lambda fn: _Recorder(fn, calls)  # noqa: E731
     cuda_blocks = lambda device, f=P._blocks: f(torch.device("cuda"))  # noqa: E731 - the CUDA tiles
     B, C, N = 2, 64, 4096
     x = lambda: _meta(B, C, N)  # noqa: E731
-    with _patched(P, wrap_triton=rec, _blocks=cuda_blocks):
-        for loss, lname in ((0, "mse"), (1, "kl")):
-            n = len(calls)
-            _, stats = P.pairwise_similarity_fwd_triton._init_fn(x(), x(), x(), x(), loss, 1.0, 1e-8, False)
-            out += [(f"fwd {lname}", c) for c in calls[n:]]
-            n = len(calls)
-            P.pairwise_similarity_bwd_triton._init_fn(_meta(), x(), x(), x(), x(), stats, loss, 1.0, 1e-8, False,
-                                                      True, True)
-            out += [(f"bwd {lname} " + ("rows" if c[3]["OWN_ROWS"] else "cols"), c) for c in calls[n:]]
+    with _patched(P, wrap_triton=rec, _blocks=cuda_blocks, triton_interpret=lambda: False):
+        for prec in ("ieee", "tf32", "bf16"):
+            for loss, lname in ((0, "mse"), (1, "kl")):
+                n = len(calls)
+                _, stats = P.pairwise_similarity_fwd_triton._init_fn(x(), x(), x(), x(), loss, 1.0, 1e-8, False, prec)
+                out += [(f"fwd {lname}, {prec}", c) for c in calls[n:]]
+                for case, sb in (("self", None), ("cross", x)):
+                    n = len(calls)
+                    P.pairwise_similarity_bwd_triton._init_fn(_meta(), x(), x(), sb and sb(), sb and sb(), stats, loss,
+                                                              1.0, 1e-8, False, prec, True, True)
+                    out += [(f"bwd {lname} {case}, {prec}", c) for c in calls[n:]]
     return out
 
 
@@ -174,12 +178,17 @@ _ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:red|atom)\.[\w.]+)", re.M)
 _VEC = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:ld|st)\.global(?:\.\w+)*?\.v[24])", re.M)
 
 
+_MMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync)\.[\w.]+", re.M)
+
+
 def ptx_summary(ptx):
+    """(atomics, vector accesses, tensor-core MMAs: ``wgmma`` (Hopper) / ``mma`` (mma.sync))."""
+    mma = collections.Counter(m.split(".")[0] for m in _MMA.findall(ptx))
     atom = collections.Counter(_ATOMIC.findall(ptx))
     vec = collections.Counter(("ld" if v.startswith("ld") else "st") + "." + v[-2:] for v in _VEC.findall(ptx))
     atoms = ", ".join(f"{n}x `{k}`" for k, n in sorted(atom.items())) or "-"
     vecs = " ".join(f"{k}:{vec[k]}" for k in ("ld.v4", "ld.v2", "st.v4", "st.v2") if vec[k]) or "-"
-    return atoms, vecs
+    return atoms, vecs, " ".join(f"{k}:{n}" for k, n in sorted(mma.items())) or "-"
 
 
 def _config(fn, kwargs):
@@ -191,14 +200,14 @@ def triton_table(groups):
     ptxas = _run([os.path.join(BIN, "ptxas"), "--version"]).stdout.strip().splitlines()[-1]
     print(f"triton {triton.__version__}, ptxas {ptxas}, target sm_90 (compiled on the CPU; no GPU involved)\n")
     print("| kernel | case | constexprs | regs | spill st/ld B | stack B | smem B | warps | atomics (PTX) "
-          "| SASS atomics/sync | vector ld/st |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| SASS atomics/sync | vector ld/st | MMA (PTX) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, (fn, _grid, args, kwargs) in groups:
         k = compile_call(fn, args, kwargs)
         reg, stack, (sst, sld), sass_ops = cubin_usage(k)
-        atoms, vecs = ptx_summary(k.asm["ptx"])
+        atoms, vecs, mma = ptx_summary(k.asm["ptx"])
         print(f"| `{fn.__name__}` | {label} | {_config(fn, kwargs)} | {reg} | {sst}/{sld} | {stack} | "
-              f"{k.metadata.shared} | {k.metadata.num_warps} | {atoms} | {sass_ops} | {vecs} |")
+              f"{k.metadata.shared} | {k.metadata.num_warps} | {atoms} | {sass_ops} | {vecs} | {mma} |")
 
 
 def ext_table(libs=None):

@@ -89,10 +89,11 @@ def check_temporal_options(on, mask_mode, mask_power, padding, reduction, detach
     check_backend(backend)
 
 
-def check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend) -> None:
+def check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend, precision) -> None:
     """Options of pairwise_similarity_loss / nn.PairwiseSimilarityLoss."""
     check_choice("loss", loss, reference.PAIRWISE_LOSSES)
     check_choice("algorithm", algorithm, reference.PAIRWISE_ALGORITHMS)
+    check_choice("precision", precision, reference.PAIRWISE_PRECISIONS)
     check_real("temperature", temperature, minimum=0, strict=True)
     check_real("eps", eps, minimum=0)
     check_bool("detach_norm", detach_norm)

@@ -157,7 +157,7 @@ def _check_pairwise_input(name: str, t, device=None) -> None:
 def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, student_b: torch.Tensor | None = None,
                              teacher_b: torch.Tensor | None = None, *, loss: str = "mse", temperature: float = 1.0,
                              algorithm: str = "auto", detach_norm: bool = False, eps: float = 1e-8,
-                             backend: str = "auto") -> torch.Tensor:
+                             backend: str = "auto", precision: str = "ieee") -> torch.Tensor:
     """Pair-wise cosine-similarity distillation: SF "pa" loss and the PF loss (eq. 2) of Liu et al.
 
     ``S[b,i,j] = cos(student_a[b,:,i], student_b[b,:,j])``, ``T`` likewise from the teachers, with
@@ -178,6 +178,15 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
             otherwise the gradient through the normalisation is exact.
         backend: kernel of the blocked algorithm (``auto``/``cpp``/``cuda``/``triton``;
             ``reference`` runs naive/gram only). gram and naive are PyTorch on every device.
+            ``auto`` on a CUDA device with a ``precision`` other than ``"ieee"`` prefers triton.
+        precision: the least accuracy of the blocked tiles the caller accepts (an exact result
+            is always allowed). Relative to float64 (loss; gradients as a fraction of their
+            largest entry), as tested: ``"ieee"`` (default: float32 accuracy; Triton computes
+            each tile product as the 3xTF32 split on tensor cores) within 1e-5 (loss) and 1e-4
+            (gradients); ``"tf32"`` (operands with 10 mantissa bits) within 1e-2; ``"bf16"``
+            (bfloat16 operands, 7 bits) within 1e-1; all accumulate in float32. Only the Triton
+            kernels have tensor-core tiles: cpp, cuda, naive and gram compute float32 exactly at
+            every precision, and float64 inputs are exact everywhere.
 
     Gradients flow into the students only; teachers that require grad are an error (detach them).
     Returns float32 (float64 for float64 inputs). Norms are taken of rows scaled by a power of two
@@ -214,14 +223,14 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but the teacher is a constant of the distillation loss: "
                                  f"pass {name}.detach()")
-    check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend)
+    check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend, precision)
 
     # Mixed dtypes (e.g. an fp16 teacher): compute in the widest.
     dt = student_a.dtype
     for t in flat.values():
         dt = torch.promote_types(dt, t.dtype)
     sa, ta, sb, tb = (flat[k].to(dt) for k in ("student_a", "teacher_a", "student_b", "teacher_b"))
-    name = resolve("pairwise_similarity_loss", dev, backend)
+    name = _pw.choose_backend(dev, backend, precision)
     alg = _pw.choose_algorithm(algorithm, loss, name, Na, Nb, Cs, Ct)
     kw = dict(detach_norm=detach_norm, eps=float(eps))
     sb_opt = None if student_b is None else sb
@@ -233,8 +242,12 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
     if name == "reference":
         raise ValueError("algorithm='blocked' needs a kernel backend (cpp, cuda or triton); the reference backend "
                          "implements 'naive' and 'gram'")
-    return _pw.fwd_op(name)(sa, ta.detach(), sb, tb.detach(), _pw.LOSS[loss], float(temperature), float(eps),
-                            detach_norm)[0]
+    args = (_pw.LOSS[loss], float(temperature), float(eps), detach_norm)
+    if name == "triton":  # self-similarity: one set of inputs (None, None), and the precision
+        self_sim = student_b is None and teacher_b is None
+        return _pw.fwd_op(name)(sa, ta.detach(), None if self_sim else sb, None if self_sim else tb.detach(), *args,
+                                precision)[0]
+    return _pw.fwd_op(name)(sa, ta.detach(), sb, tb.detach(), *args)[0]
 
 
 def pixelwise_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:

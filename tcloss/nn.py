@@ -47,20 +47,22 @@ class PairwiseSimilarityLoss(nn.Module):
     """
 
     def __init__(self, *, loss: str = "mse", temperature: float = 1.0, algorithm: str = "auto",
-                 detach_norm: bool = False, eps: float = 1e-8, backend: str = "auto"):
+                 detach_norm: bool = False, eps: float = 1e-8, backend: str = "auto", precision: str = "ieee"):
         super().__init__()
-        check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend)
+        check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend, precision)
         self.loss, self.temperature, self.algorithm = loss, temperature, algorithm
-        self.detach_norm, self.eps, self.backend = detach_norm, eps, backend
+        self.detach_norm, self.eps, self.backend, self.precision = detach_norm, eps, backend, precision
 
     def forward(self, student_a, teacher_a, student_b=None, teacher_b=None) -> torch.Tensor:
         return F.pairwise_similarity_loss(student_a, teacher_a, student_b, teacher_b, loss=self.loss,
                                           temperature=self.temperature, algorithm=self.algorithm,
-                                          detach_norm=self.detach_norm, eps=self.eps, backend=self.backend)
+                                          detach_norm=self.detach_norm, eps=self.eps, backend=self.backend,
+                                          precision=self.precision)
 
     def extra_repr(self) -> str:
         return (f"loss={self.loss!r}, temperature={self.temperature}, algorithm={self.algorithm!r}, "
-                f"detach_norm={self.detach_norm}, eps={self.eps}, backend={self.backend!r}")
+                f"detach_norm={self.detach_norm}, eps={self.eps}, backend={self.backend!r}, "
+                f"precision={self.precision!r}")
 
 
 class PixelwiseKD(nn.Module):

@@ -134,6 +134,7 @@ def released_code_temporal_loss(z_t, z_tk, flow, img_t, img_tk):
 
 PAIRWISE_LOSSES = ("mse", "kl")
 PAIRWISE_ALGORITHMS = ("auto", "blocked", "gram", "naive")
+PAIRWISE_PRECISIONS = ("ieee", "tf32", "bf16")
 
 
 def pow2_scale(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -282,17 +282,21 @@ def test_opcheck(backend, device):
     # only the schema/fake/autograd-registration checks; everything on a GPU.
     utils = ("test_schema", "test_faketensor", "test_autograd_registration") if (
         backend == "triton" and device == "cpu") else None
+    extra = ("ieee",) if backend == "triton" else ()  # the Triton ops' precision
     for loss in (0, 1):
-        torch.library.opcheck(op, (sa, ta, sb, tb, loss, 0.8, 1e-8, False),
+        torch.library.opcheck(op, (sa, ta, sb, tb, loss, 0.8, 1e-8, False, *extra),
                               **({"test_utils": utils} if utils else {}))
-    _, stats = op(sa, ta, sb, tb, 1, 0.8, 1e-8, False)
+    if backend == "triton":  # self-similarity: student_b = teacher_b = None
+        torch.library.opcheck(op, (sa, ta, None, None, 1, 0.8, 1e-8, False, "tf32"),
+                              **({"test_utils": utils} if utils else {}))
+    _, stats = op(sa, ta, sb, tb, 1, 0.8, 1e-8, False, *extra)
     g = torch.ones((), device=device)
     if backend == "triton":
         bwd = pt.pairwise_similarity_bwd_triton
     else:
         bwd = torch.ops.tcloss.pairwise_similarity_bwd.default
     torch.library.opcheck(bwd,
-                          (g, sa.detach(), ta, sb.detach(), tb, stats, 1, 0.8, 1e-8, False, True, True),
+                          (g, sa.detach(), ta, sb.detach(), tb, stats, 1, 0.8, 1e-8, False, *extra, True, True),
                           test_utils=("test_schema", "test_faketensor"))  # bwd: its autograd only refuses
 
 
@@ -463,7 +467,9 @@ def test_normalization_bits_unchanged_for_ordinary_features():
     xt = x.transpose(1, 2)
     plain = xt / torch.linalg.vector_norm(xt, dim=2, keepdim=True).clamp_min(1e-8)
     assert torch.equal(R.pairwise_normalize(x, 1e-8), plain)
-    assert torch.equal(pw.normalize_rows(x, 1e-8, torch.float32)[0], plain)
+    s, iv, full = pw.row_scales(x, 1e-8, False, torch.float32).unbind(1)  # the kernels' x s iv
+    torch.testing.assert_close((x * s[:, None] * iv[:, None]).transpose(1, 2), plain, rtol=2e-7, atol=0)
+    assert full[0, 3] == 0 and full[1, 4] == 0 and full[0, 2] == 1
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
@@ -494,6 +500,8 @@ def test_double_backward_refused(backend, device, loss):
     (dict(loss=None), TypeError, "loss must be one of"),
     (dict(backend="gpu"), ValueError, "backend must be one of"),
     (dict(backend=1), TypeError, "backend must be one of"),
+    (dict(precision="fp16"), ValueError, r"precision must be one of \('ieee', 'tf32', 'bf16'\)"),
+    (dict(precision=None), TypeError, "precision must be one of"),
 ])
 def test_bad_options_function_and_module_alike(kw, exc, msg):
     """Every option is checked by the same helper in the function and in the module's __init__."""
@@ -586,3 +594,97 @@ def test_pixelwise_kd_options_and_empty_batch():
             tcloss.nn.PixelwiseKD(**kw)
     # the mean over no pixels is NaN, as torch.mean (and the temporal loss's reduction="mean")
     assert torch.isnan(tcloss.pixelwise_kd(s[:0], s[:0]))
+
+
+# ------------------------------------------------------------------------- precision, one-pass backward
+
+# precision -> (loss, gradient) bound relative to float64 (the gradient's as a fraction of its
+# largest entry). Measured under the interpreter, which emulates the tensor cores' operand
+# rounding (tcloss._backends.pairwise_triton._mma; TF32 truncated, the worst case), at C 5/3 to
+# 64/32, N 20-33, tau 1 and 0.1: ieee <= 6e-6 / 2e-6 (the float32 KL cancellation: the exact
+# cpp kernel shows the same 5.7e-6), tf32 <= 3.8e-3 / 3.4e-3, bf16 <= 3.0e-2 / 2.5e-2.
+PRECISION_BOUND = {"ieee": (1e-5, 1e-4), "tf32": (1e-2, 1e-2), "bf16": (1e-1, 1e-1)}
+
+
+def _rel_errors(l, g, l_ref, g_ref):
+    el = abs(l.double().cpu() - l_ref).item() / abs(l_ref).item()
+    eg = max(((a.double().cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(g, g_ref))
+    return el, eg
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_precision_accuracy(backend, device, precision, loss):
+    """Each precision against the float64 naive reference on float32 inputs; the native kernels
+    are exact at every precision (allowed: precision is the least accuracy accepted)."""
+    for shape in ("self", "rect"):
+        sa, ta, sb, tb = make(B=2, Cs=64, Ct=32, Na=33, Nb=33 if shape == "self" else 20, device=device,
+                              dtype=torch.float32, seed=1)
+        if shape == "self":
+            sb = tb = None
+        kw = dict(loss=loss, temperature=0.1 if loss == "kl" else 1.0)
+        l_ref, g_ref = ref64(sa, ta, sb, tb, **kw)
+        l, g = run(sa, ta, sb, tb, algorithm="blocked", backend=backend, precision=precision, **kw)
+        bound = PRECISION_BOUND[precision if backend == "triton" else "ieee"]
+        el, eg = _rel_errors(l, g, l_ref, g_ref)
+        assert el <= bound[0] and eg <= bound[1], (shape, el, eg)
+        if backend == "triton" and precision != "ieee":
+            assert el > 1e-5 or eg > 1e-5  # the rounding is really there (emulated or on tensor cores)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+def test_precision_ignored_where_exact(precision):
+    """naive, gram and float64 inputs compute exactly whatever precision is asked."""
+    sa, ta, sb, tb = make(dtype=torch.float64)
+    for alg in ("naive", "gram"):
+        l_ref, g_ref = ref64(sa, ta, sb, tb)
+        l, g = run(sa, ta, sb, tb, algorithm=alg, backend="reference", precision=precision)
+        torch.testing.assert_close(l, l_ref)
+
+
+def test_precision_backend_choice(monkeypatch):
+    """auto on a CUDA device with precision below ieee takes triton (the tensor-core tiles)
+    where available; ieee, an explicit backend, TCLOSS_BACKEND and CPU tensors are unchanged."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(pw, "resolve", lambda op, dev, backend: "cuda" if backend == "auto" else backend)
+    monkeypatch.setattr(pw, "_status", lambda b, op, dt: (b == "triton", "ok"))
+    monkeypatch.delenv("TCLOSS_BACKEND", raising=False)
+    choose = pw.choose_backend.__wrapped__ if hasattr(pw.choose_backend, "__wrapped__") else pw.choose_backend
+    assert choose(cuda, "auto", "ieee") == "cuda"
+    assert choose(cuda, "auto", "tf32") == "triton"
+    assert choose(cuda, "auto", "bf16") == "triton"
+    assert choose(cuda, "cuda", "bf16") == "cuda"
+    assert choose(cpu, "auto", "bf16") == "cuda"  # (the stub's answer: CPU tensors go to resolve)
+    monkeypatch.setenv("TCLOSS_BACKEND", "cuda")
+    assert choose(cuda, "auto", "tf32") == "cuda"
+    monkeypatch.delenv("TCLOSS_BACKEND")
+    monkeypatch.setattr(pw, "_status", lambda b, op, dt: (False, "no triton"))
+    assert choose(cuda, "auto", "tf32") == "cuda"
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_blocked_one_side_gradient(backend, device, loss):
+    """Only d student_a (the backward owns row blocks, no tickets) or only d student_b (no
+    row-side accumulation) asked."""
+    sa, ta, sb, tb = make(B=2, Cs=3, Ct=5, Na=19, Nb=23, device=device)
+    l_ref, g_ref = ref64(sa, ta, sb, tb, loss=loss, temperature=0.6)
+    for a, b, want in ((sa, sb.detach(), 0), (sa.detach(), sb, 1)):
+        l = tcloss.pairwise_similarity_loss(a, ta, b, tb, loss=loss, temperature=0.6, algorithm="blocked",
+                                            backend=backend)
+        g, = torch.autograd.grad(l, (a, b)[want])
+        torch.testing.assert_close(g, g_ref[want], atol=1e-13, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("self_sim", [False, True])
+def test_blocked_deterministic(backend, device, self_sim):
+    """Two runs give identical bits (the Triton backward adds the row side in a fixed order)."""
+    sa, ta, sb, tb = make(B=2, Cs=6, Ct=4, Na=37, Nb=21, device=device, dtype=torch.float32)
+    if self_sim:
+        sb = tb = None
+    outs = [run(sa, ta, sb, tb, loss="kl", temperature=0.5, algorithm="blocked", backend=backend) for _ in range(2)]
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(a, b)

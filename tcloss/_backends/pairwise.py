@@ -4,53 +4,61 @@ and autograd for the native pair ``tcloss::pairwise_similarity_fwd/bwd`` and the
 
 FlashAttention-style: the forward keeps only per-row statistics (the log-sum-exp of S_i/tau and
 T_i/tau for ``loss="kl"``, nothing for ``"mse"``); backward recomputes every S/T tile from the
-inputs (re-normalised, O(N C)), so no N x N map exists in either pass.
+inputs, so no N x N map exists in either pass.
 
 Op contract (every backend): inputs ``(B,C,N)`` (student a, teacher a, student b, teacher b; the
-self-similarity loss passes student_a twice and autograd adds the two gradients); returns the
-scalar loss (float32, float64 for float64 inputs) and the stats ``(B,N_a,2)`` (kl) or ``(0,)``
-(mse). Backward returns d student_a, d student_b (input dtype, ``(0,)`` where not requested).
-The teacher is a constant.
+native ops take student_a twice for the self-similarity loss and autograd adds the two
+gradients, the Triton ops take ``None, None`` and return the whole gradient as d student_a);
+returns the scalar loss (float32, float64 for float64 inputs) and the stats ``(B,N_a,2)`` (kl) or
+``(0,)`` (mse). Backward returns d student_a, d student_b (input dtype, ``(0,)`` where not
+requested). The teacher is a constant. The Triton ops take one more argument, ``precision``.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ..reference import pow2_scale
+from . import ENV_BACKEND, _status, register_op_pair, resolve
 from . import fwd_op as _fwd_op
-from . import register_op_pair
 
 LOSS = {"mse": 0, "kl": 1}
+# precision= of the tiles -> the Triton kernels' code (tcloss._backends.pairwise_triton._mma)
+PRECISION = {"ieee": 0, "tf32": 1, "bf16": 2}
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _fake_fwd(sa, ta, sb, tb, loss, temperature, eps, detach_norm):
+def _fake_fwd(sa, ta, sb, tb, loss, temperature, eps, detach_norm, precision=None):
     B, _, Na = sa.shape
     stats = sa.new_empty((B, Na, 2) if loss == 1 else (0,), dtype=_acc(sa))
     return sa.new_empty((), dtype=_acc(sa)), stats
 
 
-def _fake_bwd(grad, sa, ta, sb, tb, stats, loss, temperature, eps, detach_norm, grad_a, grad_b):
-    return sa.new_empty(sa.shape if grad_a else (0,)), sb.new_empty(sb.shape if grad_b else (0,))
+def _fake_bwd(grad, sa, ta, sb, tb, stats, *args):
+    grad_a, grad_b = args[-2:]  # after loss, temperature, eps, detach_norm (, precision)
+    return sa.new_empty(sa.shape if grad_a else (0,)), sa.new_empty(sb.shape if grad_b and sb is not None else (0,))
 
 
 def _make_autograd(bwd_op):
+    """Autograd of a fwd op ``(sa, ta, sb, tb, *options)``: ``bwd_op(grad, sa, ta, sb, tb, stats,
+    *options, grad_a, grad_b)``."""
     def setup_context(ctx, inputs, output):
-        sa, ta, sb, tb, loss, temperature, eps, detach_norm = inputs
-        ctx.args = (loss, temperature, eps, detach_norm)
+        sa, ta, sb, tb, *options = inputs
+        ctx.options = options
         ctx.save_for_backward(sa, ta, sb, tb, output[1])
 
     def backward(ctx, grad_loss, _grad_stats):
         sa, ta, sb, tb, stats = ctx.saved_tensors
         ga, gb = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        nones = (None,) * len(ctx.options)
         if not (ga or gb):
-            return None, None, None, None, None, None, None, None
-        loss, temperature, eps, detach_norm = ctx.args
-        da, db = bwd_op(grad_loss, sa, ta, sb, tb, stats, loss, temperature, eps, detach_norm, ga, gb)
-        return (da if ga else None), None, (db if gb else None), None, None, None, None, None
+            return (None, None, None, None) + nones
+        da, db = bwd_op(grad_loss, sa, ta, sb, tb, stats, *ctx.options, ga, gb)
+        return (da if ga else None), None, (db if gb else None), None, *nones
 
     return setup_context, backward
 
@@ -64,6 +72,20 @@ def register() -> None:
 
 def fwd_op(backend: str):
     return _fwd_op("pairwise_similarity", "pairwise_triton", backend)
+
+
+OP = "pairwise_similarity_loss"
+
+
+@torch.compiler.assume_constant_result  # a trace-time decision, as resolve()
+def choose_backend(device: torch.device, backend: str, precision: str) -> str:
+    """:func:`tcloss._backends.resolve`, except that ``backend="auto"`` (no ``TCLOSS_BACKEND``) on
+    a CUDA device with a precision below ``"ieee"`` takes triton where available: its tiles are
+    the only tensor-core path (cpp and cuda compute exactly at every precision)."""
+    if (backend == "auto" and precision != "ieee" and device.type == "cuda"
+            and os.environ.get(ENV_BACKEND, "").strip() in ("", "auto") and _status("triton", OP, "cuda")[0]):
+        return "triton"
+    return resolve(OP, device, backend)
 
 
 # Crossover of algorithm="auto" for loss="mse", measured on CPU (benchmarks/bench_pairwise.py,
@@ -84,33 +106,15 @@ def choose_algorithm(algorithm: str, loss: str, backend: str, Na: int, Nb: int, 
     return "naive" if backend == "reference" else "blocked"
 
 
-def normalize_rows(x: torch.Tensor, eps: float, acc: torch.dtype):
-    """(B,C,N) -> unit rows (B,N,C) contiguous in ``acc``, and ``(ns, s)`` for backward: the norms
-    ``ns`` (B,N,1) of the rows scaled by ``s`` (B,N,1), the power of two of
-    :func:`tcloss.reference.pow2_scale`, so ``||x|| = ns / s`` never has to be formed (it
-    overflows for large finite features). Unit rows ``xs / max(ns, eps s)``, ``xs = x s``: the
-    bits of ``x / max(||x||, eps)`` wherever that does not overflow."""
-    xt = x.to(acc).transpose(1, 2)
-    s = pow2_scale(xt, 2)
-    xs = xt * s
-    ns = torch.linalg.vector_norm(xs, dim=2, keepdim=True)
-    return (xs / torch.maximum(ns, eps * s)).contiguous(), (ns, s)
-
-
-def norm_backward(g: torch.Tensor, xh: torch.Tensor, norms, eps: float, detach_norm: bool,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """d/dx of ``xh = x / max(|x|, eps)`` given ``g`` = d/d xh (B,N,C) and ``norms = (ns, s)`` of
-    :func:`normalize_rows`; returns (B,C,N) in ``dtype``.
-
-    Where |x| > eps: ``(g - xh <xh, g>) / |x|`` (exact), else ``g / eps``; ``detach_norm``:
-    ``g / max(|x|, eps)``. The same rule as autograd through the reference's clamp (a tie
-    counts as clamped). Every ``1/|x|`` is applied as ``(. / max(ns, eps s)) * s``: no overflow."""
-    ns, s = norms
+def row_scales(x: torch.Tensor, eps: float, detach_norm: bool, acc: torch.dtype) -> torch.Tensor:
+    """Per pixel of ``x`` (B,C,N), the scales of its unit row ``x / max(||x||, eps) = x s iv``
+    (B,3,N) in ``acc``: ``s`` the power of two of :func:`tcloss.reference.pow2_scale` (exact, so
+    the norm ``ns = ||x s||`` never overflows), ``iv = 1 / max(ns, eps s)``, and ``full`` = 1
+    where the gradient goes through the norm (``ns > eps s`` and not ``detach_norm``: the rule of
+    autograd through the reference's clamp, a tie counting as clamped), else 0."""
+    x = x.detach().to(acc)
+    s = pow2_scale(x, 1)
+    ns = torch.linalg.vector_norm(x * s, dim=1, keepdim=True)
     floor = eps * s
-    nc = torch.maximum(ns, floor)
-    if detach_norm:
-        dx = g / nc * s
-    else:
-        full = (g - xh * (xh * g).sum(2, keepdim=True)) / nc * s
-        dx = torch.where(ns > floor, full, g / nc * s)
-    return dx.transpose(1, 2).to(dtype).contiguous()
+    full = (ns > floor).to(acc) * (not detach_norm)
+    return torch.cat([s, 1.0 / torch.maximum(ns, floor), full], dim=1)

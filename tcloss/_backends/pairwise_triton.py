@@ -1,17 +1,41 @@
 """Triton kernels of the blocked pair-wise similarity loss: kernel -> launcher -> torch.library op.
 
-Rows are first normalised to unit vectors (``(B,N,C)`` float32/float64, O(N C) memory). The
-forward program owns BLOCK_M rows of S and T and sweeps the columns in tiles of BLOCK_N:
-each tile ``S = A_s B_s^T``, ``T = A_t B_t^T`` is a pair of ``tl.dot`` GEMMs over channel
-chunks, reduced into per-row accumulators and discarded. For ``loss="kl"`` the row
+The kernels read the ``(B,C,N)`` inputs as they are (any float dtype) and normalise on the fly
+from per-pixel row scales ``(B,3,N)`` (:func:`row_scales`): a tile of unit rows is
+``x s_n`` (``s`` a power of two, exact) times ``1/max(||x s||, eps s)``, so no normalised copy
+of any input exists. The forward program owns BLOCK_M rows of S and T and sweeps the columns in
+tiles of BLOCK_N: each tile ``S = A_s B_s^T``, ``T = A_t B_t^T`` is a pair of ``tl.dot`` GEMMs
+over channel chunks, reduced into per-row accumulators and discarded. For ``loss="kl"`` the row
 log-sum-exps of S/tau and T/tau are tracked online (FlashAttention) and saved as the only
-statistics. Backward recomputes the tiles: one launch whose programs own row blocks
-(d A_s = G B_s), one whose programs own column blocks (d B_s = G^T A_s), each program the only
-writer of its rows of the gradient (no atomics, deterministic).
+statistics.
+
+Backward (FlashAttention-2 ordering): one launch; each S/T tile is recomputed once and its
+``G = dloss/dS`` feeds both operands' gradients. A program owns a block of "owner" rows and
+sweeps the other side's blocks:
+
+* self-similarity (``student_b is None``): owner = rows = columns. S and T are symmetric, so the
+  tile (j, i) gives both G_ij and G_ji and ``d a_j = sum_i (G_ij + G_ji) a_i`` is accumulated by
+  its owner alone: no partial sums, no ordering.
+* cross (two tensors): the owner is a column block j of B (``d b_j = sum_i G_ij a_i``, its own
+  rows). The row-side ``d a_i = sum_j G_ij b_j`` is added by every column program in the fixed
+  order j = 0, 1, ... through a per-row-block ticket (the deterministic backward of
+  FlashAttention-3): a program waits until the ticket of row block i reads j, adds, and passes it
+  on; the last one finishes the row block. Programs start at row block 0, so program j trails
+  j-1 by one tile (a wavefront). Only ``d a`` asked: the owner is the row block, no tickets.
+
+Each program finishes its rows with the normalisation's backward (:func:`_unit_rows_bwd`) and
+writes the gradient in the input dtype; float32 inputs accumulate in the output itself. Extra
+memory: the row scales, the tickets, and a float32 accumulator only for half-precision inputs.
+
+``precision``: ``"ieee"`` (3xTF32 on tensor cores, ~fp32), ``"tf32"``, ``"bf16"`` (bf16 operands),
+all accumulating in float32; float64 inputs are always exact (fp64 dot). The Triton interpreter's
+``tl.dot`` is a float32 numpy matmul that ignores ``input_precision`` and reads bfloat16 bit
+patterns as integers, so under it :func:`_mma` performs the roundings explicitly.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -19,34 +43,103 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import triton_interpret
-from .pairwise import norm_backward, normalize_rows
+from .pairwise import PRECISION, row_scales
 
 
 @triton.jit
-def _sim_tile(x_ptr, y_ptr, x_base, y_base, offs_x, offs_y, xm, ym, C,
-              IS_F64: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tile ``out[i, j] = sum_c x[i, c] y[j, c]`` of unit rows x (rows offs_x), y (rows offs_y)."""
+def _tf32(x, NEAREST: tl.constexpr):
+    """x rounded to TF32 (10 mantissa bits): to nearest, ties away (the cvt.rna of 3xTF32's split),
+    or truncated (what a tensor core reads of a raw float32 operand: the worst case)."""
+    u = x.to(tl.uint32, bitcast=True)
+    if NEAREST:
+        u = u + 0x1000
+    return (u & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(acc, x, y, PREC: tl.constexpr, IS_F64: tl.constexpr, EMULATE: tl.constexpr):
+    """``acc + x @ y`` at precision PREC (0 ieee = 3xTF32, 1 tf32, 2 bf16 operands; float32
+    accumulation); float64 exact. EMULATE (the interpreter): the same roundings, explicitly."""
+    if IS_F64:
+        return tl.dot(x, y, acc, input_precision="ieee")
+    if PREC == 2:
+        x = x.to(tl.bfloat16)
+        y = y.to(tl.bfloat16)
+        if EMULATE:
+            return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(x, y, acc)
+    if EMULATE:
+        xh = _tf32(x, PREC == 0)
+        yh = _tf32(y, PREC == 0)
+        if PREC == 0:  # Triton's 3xTF32: small*big + big*small + big*big
+            acc = tl.dot(_tf32(x - xh, True), yh, acc, input_precision="ieee")
+            acc = tl.dot(xh, _tf32(y - yh, True), acc, input_precision="ieee")
+        return tl.dot(xh, yh, acc, input_precision="ieee")
+    if PREC == 0:
+        return tl.dot(x, y, acc, input_precision="tf32x3")
+    return tl.dot(x, y, acc, input_precision="tf32")
+
+
+@triton.jit
+def _rows(x_ptr, C, N, k0, offs, m, s, BK: tl.constexpr):
+    """(BK, len(offs)) chunk ``x[c, n] * s[n]`` (channels k0.., pixels offs) of one (C,N) image."""
+    offs_k = k0 + tl.arange(0, BK)
+    v = tl.load(x_ptr + offs_k[:, None].to(tl.int64) * N + offs[None, :], mask=(offs_k < C)[:, None] & m[None, :],
+                other=0.0)
+    return v.to(s.dtype) * s[None, :]
+
+
+@triton.jit
+def _cos_tile(x_ptr, sx, ivx, y_ptr, sy, ivy, C, Nx, Ny, offs_x, offs_y, xm, ym,
+              PREC: tl.constexpr, IS_F64: tl.constexpr, EMULATE: tl.constexpr,
+              BX: tl.constexpr, BY: tl.constexpr, BK: tl.constexpr):
+    """``cos(x_i, y_j)`` (BX, BY) for pixels offs_x of x and offs_y of y, with row scales s, 1/norm."""
     if IS_F64:
         acc = tl.zeros((BX, BY), dtype=tl.float64)
     else:
         acc = tl.zeros((BX, BY), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        km = offs_k < C
-        xv = tl.load(x_ptr + x_base + offs_x[:, None] * C + offs_k[None, :], mask=xm[:, None] & km[None, :], other=0.0)
-        yv = tl.load(y_ptr + y_base + offs_y[:, None] * C + offs_k[None, :], mask=ym[:, None] & km[None, :], other=0.0)
-        acc += tl.dot(xv, tl.trans(yv), input_precision="ieee")
-    return acc
+    for k0 in range(0, C, BK):
+        acc = _mma(acc, tl.trans(_rows(x_ptr, C, Nx, k0, offs_x, xm, sx, BK)), _rows(y_ptr, C, Ny, k0, offs_y, ym, sy, BK),
+                   PREC, IS_F64, EMULATE)
+    return acc * ivx[:, None] * ivy[None, :]
+
+
+@triton.jit
+def _scales(r_ptr, N, offs, m):
+    """Row scales of pixels offs: s (power of two), 1/max(||x s||, eps s), full (1: the gradient
+    goes through the norm)."""
+    return (tl.load(r_ptr + offs, mask=m, other=1.0), tl.load(r_ptr + N + offs, mask=m, other=0.0),
+            tl.load(r_ptr + 2 * N + offs, mask=m, other=0.0))
+
+
+@triton.jit
+def _unit_rows_bwd(g_ptr, out_ptr, x_ptr, s, iv, full, C, N, offs, m, BK: tl.constexpr, BLK: tl.constexpr):
+    """d x of the unit rows ``xh = x s iv`` from ``g = d xh`` ((C,N) images, pixels offs):
+    ``(g - xh <xh, g> full) iv s`` (full = 0: clamped norm or detach_norm, ``g / max(|x|, eps)``)."""
+    d = tl.zeros((BLK,), dtype=s.dtype)
+    for k0 in range(0, C, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        gm = (offs_k < C)[:, None] & m[None, :]
+        g = tl.load(g_ptr + offs_k[:, None].to(tl.int64) * N + offs[None, :], mask=gm, other=0.0, cache_modifier=".cg")
+        d += tl.sum(_rows(x_ptr, C, N, k0, offs, m, s, BK) * g, axis=0)
+    d = d * iv * (iv * full)
+    for k0 in range(0, C, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        gm = (offs_k < C)[:, None] & m[None, :]
+        gp = offs_k[:, None].to(tl.int64) * N + offs[None, :]
+        g = tl.load(g_ptr + gp, mask=gm, other=0.0, cache_modifier=".cg")
+        dx = (g - _rows(x_ptr, C, N, k0, offs, m, s, BK) * d[None, :]) * iv[None, :] * s[None, :]
+        tl.store(out_ptr + gp, dx.to(out_ptr.dtype.element_ty), mask=gm)
 
 
 @triton.jit
 def _pairwise_fwd_kernel(
-    as_ptr, at_ptr, bs_ptr, bt_ptr, par_ptr, rowloss_ptr, stats_ptr,
+    as_ptr, at_ptr, bs_ptr, bt_ptr, ras_ptr, rat_ptr, rbs_ptr, rbt_ptr, par_ptr, rowloss_ptr, stats_ptr,
     Na, Nb, Cs, Ct,
-    LOSS: tl.constexpr, IS_F64: tl.constexpr,
+    LOSS: tl.constexpr, PREC: tl.constexpr, IS_F64: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Row i of batch b, over all columns j (S, T cosines of unit rows):
+    """Row i of batch b, over all columns j (S, T cosines):
         mse: rowloss_i = sum_j (S_ij - T_ij)^2
         kl:  with x_j = S_ij/tau, y_j = T_ij/tau (tau = 1/par[0]), lse_x = log sum_j e^{x_j},
              lse_y likewise, p = softmax(y):
@@ -58,10 +151,12 @@ def _pairwise_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mm = offs_m < Na
-    base_as = b * Na * Cs
-    base_at = b * Na * Ct
-    base_bs = b * Nb * Cs
-    base_bt = b * Nb * Ct
+    as_ptr += b * Cs * Na
+    at_ptr += b * Ct * Na
+    bs_ptr += b * Cs * Nb
+    bt_ptr += b * Ct * Nb
+    sas, ivas, _ = _scales(ras_ptr + b * 3 * Na, Na, offs_m, mm)
+    sat, ivat, _ = _scales(rat_ptr + b * 3 * Na, Na, offs_m, mm)
     inv_tau = tl.load(par_ptr)
     zero = inv_tau * 0.0
     sq = tl.zeros((BLOCK_M,), dtype=inv_tau.dtype)
@@ -73,8 +168,12 @@ def _pairwise_fwd_kernel(
     for n0 in range(0, Nb, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         nm = offs_n < Nb
-        S = _sim_tile(as_ptr, bs_ptr, base_as, base_bs, offs_m, offs_n, mm, nm, Cs, IS_F64, BLOCK_M, BLOCK_N, BLOCK_K)
-        T = _sim_tile(at_ptr, bt_ptr, base_at, base_bt, offs_m, offs_n, mm, nm, Ct, IS_F64, BLOCK_M, BLOCK_N, BLOCK_K)
+        sbs, ivbs, _ = _scales(rbs_ptr + b * 3 * Nb, Nb, offs_n, nm)
+        sbt, ivbt, _ = _scales(rbt_ptr + b * 3 * Nb, Nb, offs_n, nm)
+        S = _cos_tile(as_ptr, sas, ivas, bs_ptr, sbs, ivbs, Cs, Na, Nb, offs_m, offs_n, mm, nm,
+                      PREC, IS_F64, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
+        T = _cos_tile(at_ptr, sat, ivat, bt_ptr, sbt, ivbt, Ct, Na, Nb, offs_m, offs_n, mm, nm,
+                      PREC, IS_F64, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
         if LOSS == 0:
             d = tl.where(nm[None, :], S - T, zero)
             sq += tl.sum(d * d, axis=1)
@@ -101,73 +200,111 @@ def _pairwise_fwd_kernel(
 
 
 @triton.jit
+def _g_term(S, T, inv_tau, stats_ptr, offs, m, LOSS: tl.constexpr, ROWS_ARE_OWNER: tl.constexpr):
+    """dloss/dS_ij / c of the tile (owner pixel o, other pixel x), the row i of S being the owner
+    pixel (ROWS_ARE_OWNER) or the other one; ``offs`` are the row pixels (stats of row i):
+        mse: 2 (S - T);   kl: (softmax_j(S_i/tau) - softmax_j(T_i/tau)) / tau from the saved lse."""
+    if LOSS == 0:
+        return 2.0 * (S - T)
+    lse_s = tl.load(stats_ptr + offs * 2, mask=m, other=0.0)
+    lse_t = tl.load(stats_ptr + offs * 2 + 1, mask=m, other=0.0)
+    if ROWS_ARE_OWNER:
+        return (tl.exp(S * inv_tau - lse_s[:, None]) - tl.exp(T * inv_tau - lse_t[:, None])) * inv_tau
+    return (tl.exp(S * inv_tau - lse_s[None, :]) - tl.exp(T * inv_tau - lse_t[None, :])) * inv_tau
+
+
+@triton.jit
 def _pairwise_bwd_kernel(
-    os_ptr, ot_ptr, xs_ptr, xt_ptr, par_ptr, stats_ptr, g_ptr,
-    No, Nx, Na, Cs, Ct,
-    LOSS: tl.constexpr, OWN_ROWS: tl.constexpr, IS_F64: tl.constexpr,
+    os_ptr, ot_ptr, xs_ptr, xt_ptr, ros_ptr, rot_ptr, rxs_ptr, rxt_ptr, par_ptr, stats_ptr,
+    go_ptr, do_ptr, gx_ptr, dx_ptr, tick_ptr,
+    No, Nx, Cs, Ct,
+    LOSS: tl.constexpr, OWNER_ROWS: tl.constexpr, X_ROWS: tl.constexpr, GRAD_X: tl.constexpr,
+    PREC: tl.constexpr, IS_F64: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Gradient w.r.t. the unit student rows of the side this program owns ("o": the rows a when
-    OWN_ROWS, else the columns b; "x" is the other side). With c = par[1] = dL/dloss / (#terms):
-        mse: G_ij = 2 c (S_ij - T_ij)
-        kl:  G_ij = c / tau (softmax_j(S_i/tau) - softmax_j(T_i/tau)), from the saved lse of row i
-        d a_i = sum_j G_ij b_j (OWN_ROWS),   d b_j = sum_i G_ij a_i (otherwise).
-    The tile is computed as o . x^T, i.e. S^T when the program owns columns.
+    """One pass over the tiles (o = this program's pixels, x = the other side's). The tile is
+    ``S[o, x] = cos(o_s, x_s)`` (T likewise); with c = par[1] = dL/dloss / (#terms), its
+    gradient ``G[o, x] = c * (g_term(rows = o) if OWNER_ROWS + g_term(rows = x) if X_ROWS)`` (both:
+    self-similarity, G_ox + G_xo). ``d o += G x_hat`` (owned, read-modify-write);
+    GRAD_X: ``d x += G^T o_hat`` in ticket order, the last program finishing x's rows.
+    Accumulators ``go``/``gx`` and outputs ``do``/``dx`` are (B,Cs,N) (the same buffer for float32).
     """
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_o = pid.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
     om = offs_o < No
-    base_os = b * No * Cs
-    base_ot = b * No * Ct
-    base_xs = b * Nx * Cs
-    base_xt = b * Nx * Ct
+    os_ptr += b * Cs * No
+    ot_ptr += b * Ct * No
+    xs_ptr += b * Cs * Nx
+    xt_ptr += b * Ct * Nx
+    go_ptr += b * Cs * No
+    do_ptr += b * Cs * No
+    gx_ptr += b * Cs * Nx
+    dx_ptr += b * Cs * Nx
+    stats_ptr += b * (No if OWNER_ROWS else Nx) * 2
+    s_os, iv_os, full_o = _scales(ros_ptr + b * 3 * No, No, offs_o, om)
+    s_ot, iv_ot, _ = _scales(rot_ptr + b * 3 * No, No, offs_o, om)
     inv_tau = tl.load(par_ptr)
     c = tl.load(par_ptr + 1)
     zero = inv_tau * 0.0
-    if LOSS == 1:
-        if OWN_ROWS:
-            lse_s_o = tl.load(stats_ptr + (b * Na + offs_o) * 2, mask=om, other=0.0)
-            lse_t_o = tl.load(stats_ptr + (b * Na + offs_o) * 2 + 1, mask=om, other=0.0)
-    for x0 in range(0, Nx, BLOCK_X):
-        offs_x = x0 + tl.arange(0, BLOCK_X).to(tl.int64)
+    n_x = tl.cdiv(Nx, BLOCK_X)
+    for xb in range(0, n_x):
+        offs_x = xb * BLOCK_X + tl.arange(0, BLOCK_X).to(tl.int64)
         xm = offs_x < Nx
-        S = _sim_tile(os_ptr, xs_ptr, base_os, base_xs, offs_o, offs_x, om, xm, Cs, IS_F64, BLOCK_O, BLOCK_X, BLOCK_K)
-        T = _sim_tile(ot_ptr, xt_ptr, base_ot, base_xt, offs_o, offs_x, om, xm, Ct, IS_F64, BLOCK_O, BLOCK_X, BLOCK_K)
-        if LOSS == 0:
-            G = 2.0 * c * (S - T)
+        s_xs, iv_xs, full_x = _scales(rxs_ptr + b * 3 * Nx, Nx, offs_x, xm)
+        s_xt, iv_xt, _ = _scales(rxt_ptr + b * 3 * Nx, Nx, offs_x, xm)
+        S = _cos_tile(os_ptr, s_os, iv_os, xs_ptr, s_xs, iv_xs, Cs, No, Nx, offs_o, offs_x, om, xm,
+                      PREC, IS_F64, EMULATE, BLOCK_O, BLOCK_X, BLOCK_K)
+        T = _cos_tile(ot_ptr, s_ot, iv_ot, xt_ptr, s_xt, iv_xt, Ct, No, Nx, offs_o, offs_x, om, xm,
+                      PREC, IS_F64, EMULATE, BLOCK_O, BLOCK_X, BLOCK_K)
+        if OWNER_ROWS:
+            G = _g_term(S, T, inv_tau, stats_ptr, offs_o, om, LOSS, True)
+            if X_ROWS:
+                G += _g_term(S, T, inv_tau, stats_ptr, offs_x, xm, LOSS, False)
         else:
-            if OWN_ROWS:
-                G = tl.exp(S * inv_tau - lse_s_o[:, None]) - tl.exp(T * inv_tau - lse_t_o[:, None])
-            else:
-                lse_s_x = tl.load(stats_ptr + (b * Na + offs_x) * 2, mask=xm, other=0.0)
-                lse_t_x = tl.load(stats_ptr + (b * Na + offs_x) * 2 + 1, mask=xm, other=0.0)
-                G = tl.exp(S * inv_tau - lse_s_x[None, :]) - tl.exp(T * inv_tau - lse_t_x[None, :])
-            G = G * (c * inv_tau)
-        G = tl.where(om[:, None] & xm[None, :], G, zero)
-        # Owned rows of the gradient: read-modify-write by this program only.
+            G = _g_term(S, T, inv_tau, stats_ptr, offs_x, xm, LOSS, False)
+        G = tl.where(om[:, None] & xm[None, :], G * c, zero)
+        # d o (transposed, (C, N) like the inputs) += x_s^T (G diag(iv_x))^T: owned rows
+        gxo = tl.trans(G * iv_xs[None, :])
         for k0 in range(0, Cs, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            km = offs_k < Cs
-            xv = tl.load(xs_ptr + base_xs + offs_x[:, None] * Cs + offs_k[None, :], mask=xm[:, None] & km[None, :],
-                         other=0.0)
-            gp = g_ptr + base_os + offs_o[:, None] * Cs + offs_k[None, :]
-            gm = om[:, None] & km[None, :]
+            gp = go_ptr + offs_k[:, None].to(tl.int64) * No + offs_o[None, :]
+            gm = (offs_k < Cs)[:, None] & om[None, :]
             cur = tl.load(gp, mask=gm, other=0.0)
-            tl.store(gp, cur + tl.dot(G, xv, input_precision="ieee"), mask=gm)
+            tl.store(gp, _mma(cur, _rows(xs_ptr, Cs, Nx, k0, offs_x, xm, s_xs, BLOCK_K), gxo, PREC, IS_F64, EMULATE),
+                     mask=gm)
+        if GRAD_X:
+            # d x (transposed) += o_s^T diag(iv_o) G, added in program order j = 0, 1, ...
+            gox = G * iv_os[:, None]
+            ticket = tick_ptr + b * n_x + xb
+            while tl.atomic_add(ticket, 0, sem="acquire") != pid:
+                pass
+            for k0 in range(0, Cs, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                gp = gx_ptr + offs_k[:, None].to(tl.int64) * Nx + offs_x[None, :]
+                gm = (offs_k < Cs)[:, None] & xm[None, :]
+                cur = tl.load(gp, mask=gm, other=0.0, cache_modifier=".cg")
+                tl.store(gp, _mma(cur, _rows(os_ptr, Cs, No, k0, offs_o, om, s_os, BLOCK_K), gox, PREC, IS_F64,
+                                  EMULATE), mask=gm)
+            tl.debug_barrier()
+            if pid == tl.num_programs(0) - 1:
+                _unit_rows_bwd(gx_ptr, dx_ptr, xs_ptr, s_xs, iv_xs, full_x, Cs, Nx, offs_x, xm, BLOCK_K, BLOCK_X)
+            tl.atomic_xchg(ticket, pid + 1, sem="release")
+    tl.debug_barrier()
+    _unit_rows_bwd(go_ptr, do_ptr, os_ptr, s_os, iv_os, full_o, Cs, No, offs_o, om, BLOCK_K, BLOCK_O)
 
 
 def _blocks(device: torch.device):
     if device.type != "cuda" or triton_interpret():
         return 16, 16, 16, 1  # the interpreter: small tiles run fastest
-    return 64, 64, 32, 4
+    return 64, 64, 16, 8
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check(sa, ta, sb, tb, loss, temperature, eps):
+def _check(sa, ta, sb, tb, loss, temperature, eps, precision):
     # the native ops' host checks (csrc/pairwise_host.h), for a direct call of the op
     if loss not in (0, 1):
         raise ValueError("pairwise_similarity: loss must be 0 (mse) or 1 (kl)")
@@ -175,6 +312,11 @@ def _check(sa, ta, sb, tb, loss, temperature, eps):
         raise ValueError("pairwise_similarity: temperature must be a finite positive number")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError("pairwise_similarity: eps must be a finite non-negative number")
+    if precision not in PRECISION:
+        raise ValueError(f"pairwise_similarity: precision must be one of {tuple(PRECISION)}")
+    if (sb is None) != (tb is None):
+        raise ValueError("pairwise_similarity: student_b and teacher_b are both given or both None (self-similarity)")
+    sb, tb = (sa, ta) if sb is None else (sb, tb)
     for n, t in (("teacher_a", ta), ("student_b", sb), ("teacher_b", tb)):
         if t.dim() != 3 or t.shape[0] != sa.shape[0]:
             raise ValueError(f"{n} must be (B,C,N) with the batch of student_a, got {tuple(t.shape)}")
@@ -184,61 +326,83 @@ def _check(sa, ta, sb, tb, loss, temperature, eps):
         raise ValueError("pairwise_similarity: the two sides must share the channel counts")
 
 
+def _consts(sa: torch.Tensor, precision: str):
+    """Constexprs shared by both kernels: precision code (float64: exact), float64, interpreter."""
+    f64 = sa.dtype == torch.float64
+    return dict(PREC=0 if f64 else PRECISION[precision], IS_F64=f64, EMULATE=triton_interpret())
+
+
 @triton_op("tcloss::pairwise_similarity_fwd_triton", mutates_args=())
-def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: torch.Tensor, tb: torch.Tensor, loss: int,
-                                   temperature: float, eps: float,
-                                   detach_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as the native ``tcloss::pairwise_similarity_fwd``."""
-    _check(sa, ta, sb, tb, loss, temperature, eps)
+def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: Optional[torch.Tensor],
+                                   tb: Optional[torch.Tensor], loss: int, temperature: float, eps: float,
+                                   detach_norm: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract of the native ``tcloss::pairwise_similarity_fwd``, plus: ``sb = tb = None`` is
+    self-similarity (one set of inputs for rows and columns), and ``precision`` of the tiles."""
+    _check(sa, ta, sb, tb, loss, temperature, eps, precision)
     acc = _acc(sa)
+    sa, ta = sa.contiguous(), ta.contiguous()
+    ras, rat = row_scales(sa, eps, False, acc), row_scales(ta, eps, False, acc)
+    if sb is None:
+        sb, tb, rbs, rbt = sa, ta, ras, rat
+    else:
+        sb, tb = sb.contiguous(), tb.contiguous()
+        rbs, rbt = row_scales(sb, eps, False, acc), row_scales(tb, eps, False, acc)
     B, Cs, Na = sa.shape
     Ct, Nb = ta.shape[1], sb.shape[2]
-    ahs, _ = normalize_rows(sa, eps, acc)
-    aht, _ = normalize_rows(ta, eps, acc)
-    bhs, _ = normalize_rows(sb, eps, acc)
-    bht, _ = normalize_rows(tb, eps, acc)
     par = torch.tensor([1.0 / temperature, 0.0], dtype=acc, device=sa.device)
     rowloss = torch.empty((B, Na), dtype=acc, device=sa.device)
     stats = torch.empty((B, Na, 2) if loss == 1 else (0,), dtype=acc, device=sa.device)
     BM, BN, BK, nw = _blocks(sa.device)
     wrap_triton(_pairwise_fwd_kernel)[(triton.cdiv(Na, BM), B)](
-        ahs, aht, bhs, bht, par, rowloss, stats, Na, Nb, Cs, Ct,
-        LOSS=int(loss), IS_F64=acc == torch.float64, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw)
+        sa, ta, sb, tb, ras, rat, rbs, rbt, par, rowloss, stats, Na, Nb, Cs, Ct,
+        LOSS=int(loss), **_consts(sa, precision), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=1)
     denom = B * Na * (Nb if loss == 0 else 1)
     return rowloss.sum() / denom, stats
 
 
 @triton_op("tcloss::pairwise_similarity_bwd_triton", mutates_args=())
-def pairwise_similarity_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: torch.Tensor, sb: torch.Tensor,
-                                   tb: torch.Tensor, stats: torch.Tensor, loss: int, temperature: float, eps: float,
-                                   detach_norm: bool, grad_a: bool,
+def pairwise_similarity_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: torch.Tensor, sb: Optional[torch.Tensor],
+                                   tb: Optional[torch.Tensor], stats: torch.Tensor, loss: int, temperature: float,
+                                   eps: float, detach_norm: bool, precision: str, grad_a: bool,
                                    grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as the native ``tcloss::pairwise_similarity_bwd``."""
-    _check(sa, ta, sb, tb, loss, temperature, eps)
+    """The contract of the native ``tcloss::pairwise_similarity_bwd`` (self-similarity: the whole
+    gradient is d student_a), plus ``precision``; one pass over the tiles."""
+    _check(sa, ta, sb, tb, loss, temperature, eps, precision)
     acc = _acc(sa)
+    self_sim = sb is None
+    sa, ta = sa.contiguous(), ta.contiguous()
+    sb, tb = (sa, ta) if self_sim else (sb.contiguous(), tb.contiguous())
     B, Cs, Na = sa.shape
-    Ct, Nb = ta.shape[1], sb.shape[2]
-    ahs, na = normalize_rows(sa, eps, acc)
-    aht, _ = normalize_rows(ta, eps, acc)
-    bhs, nb = normalize_rows(sb, eps, acc)
-    bht, _ = normalize_rows(tb, eps, acc)
+    Nb = sb.shape[2]
+    want_a, want_b = grad_a, grad_b and not self_sim
+    empty = sa.new_empty((0,))
+    if not (want_a or want_b):
+        return empty, empty
+    ras, rat = row_scales(sa, eps, detach_norm, acc), row_scales(ta, eps, detach_norm, acc)
+    rbs, rbt = (ras, rat) if self_sim else (row_scales(sb, eps, detach_norm, acc), row_scales(tb, eps, detach_norm, acc))
     denom = B * Na * (Nb if loss == 0 else 1)
-    par = torch.tensor([1.0 / temperature, 1.0 / denom], dtype=acc, device=sa.device)
-    BM, BN, BK, nw = _blocks(sa.device)
+    # c = dL/dloss / (#terms), without a host sync
+    par = torch.stack([torch.full_like(grad, 1.0 / temperature, dtype=acc), grad.to(acc) / denom])
     stats = stats.to(acc).contiguous()
-    outs = []
-    for want, own_rows in ((grad_a, True), (grad_b, False)):
-        if not want:
-            outs.append(sa.new_empty((0,)))
-            continue
-        o_s, o_t, x_s, x_t = (ahs, aht, bhs, bht) if own_rows else (bhs, bht, ahs, aht)
-        No, Nx = (Na, Nb) if own_rows else (Nb, Na)
-        g = torch.zeros((B, No, Cs), dtype=acc, device=sa.device)
-        wrap_triton(_pairwise_bwd_kernel)[(triton.cdiv(No, BM), B)](
-            o_s, o_t, x_s, x_t, par, stats, g, No, Nx, Na, Cs, Ct,
-            LOSS=int(loss), OWN_ROWS=own_rows, IS_F64=acc == torch.float64,
-            BLOCK_O=BM, BLOCK_X=BN, BLOCK_K=BK, num_warps=nw)
-        g = g * grad.to(acc)  # dL/dloss, without a host sync
-        xh, n = (ahs, na) if own_rows else (bhs, nb)
-        outs.append(norm_backward(g, xh, n, eps, detach_norm, sa.dtype))
-    return outs[0], outs[1]
+
+    def buffers(x):  # (accumulator, output): one buffer when the output is the accumulation dtype
+        out = torch.empty_like(x)
+        return (out.zero_() if x.dtype == acc else torch.zeros_like(x, dtype=acc)), out
+
+    # owner side: the columns (B) when d b is wanted (d a then in ticket order), else the rows
+    own_b = want_b
+    o_s, o_t, r_os, r_ot, x_s, x_t, r_xs, r_xt = (sb, tb, rbs, rbt, sa, ta, ras, rat) if own_b else \
+        (sa, ta, ras, rat, sb, tb, rbs, rbt)
+    No, Nx = o_s.shape[2], x_s.shape[2]
+    go, do = buffers(o_s)
+    grad_x = own_b and want_a
+    gx, dx = buffers(x_s) if grad_x else (go, do)
+    BO, BX, BK, nw = _blocks(sa.device)
+    ticks = torch.zeros((B, triton.cdiv(Nx, BX)) if grad_x else (0,), dtype=torch.int32, device=sa.device)
+    wrap_triton(_pairwise_bwd_kernel)[(triton.cdiv(No, BO), B)](
+        o_s, o_t, x_s, x_t, r_os, r_ot, r_xs, r_xt, par, stats, go, do, gx, dx, ticks, No, Nx, Cs, ta.shape[1],
+        LOSS=int(loss), OWNER_ROWS=not own_b, X_ROWS=own_b or self_sim, GRAD_X=grad_x, **_consts(sa, precision),
+        BLOCK_O=BO, BLOCK_X=BX, BLOCK_K=BK, num_warps=nw, num_stages=1)
+    if own_b:
+        return (dx if grad_x else empty), do
+    return do, empty
