@@ -29,9 +29,15 @@ GPU_PRECISIONS = ["ieee", "tf32", "bf16"]  # of the blocked-triton rows
 # H200 SXM: TF32 989.4 and BF16 1978.9 with sparsity, half that dense). "ieee" runs 3xTF32: three
 # TF32 MMAs per product, measured against the TF32 peak (its ceiling is a third of it).
 DENSE_PEAK_TFLOPS = {"NVIDIA H200": {"ieee": 494.7, "tf32": 494.7, "bf16": 989.4}}
-# Backends whose blocked backward recomputes each tile once (FlashAttention-2 ordering); the
-# others run one pass per owner side (rows, then columns), recomputing every tile twice.
-ONE_PASS = {"triton"}
+# Backward tile GEMMs of the blocked kernels on a self-similarity, in units of 2 N^2 C: the S,T
+# tiles recomputed (C_s + C_t) per pass, and G multiplied by student rows. triton: one pass, and
+# by symmetry one G GEMM per tile (G_ij + G_ji); cpp: one pass, G into both sides; cuda: one
+# pass per owner side (rows, then columns), every tile recomputed twice.
+BACKWARD_GEMMS = {
+    "triton": lambda Cs, Ct: (Cs + Ct) + Cs,
+    "cpp": lambda Cs, Ct: (Cs + Ct) + 2 * Cs,
+    "cuda": lambda Cs, Ct: 2 * ((Cs + Ct) + Cs),
+}
 
 
 def make(N, Cs, Ct, device, dtype=torch.float32, seed=0):
@@ -64,15 +70,11 @@ def cpu_rss_fwd_bwd(impl, loss, N, Cs, Ct):
 
 def executed_flops(impl, loss, N, Cs, Ct):
     """Multiply-adds x 2 of the blocked kernels on the self-similarity of N pixels: the forward's
-    S,T tiles, 2 N^2 (C_s + C_t); the backward recomputes S,T and multiplies G by student rows.
-    One pass (ONE_PASS): each tile once, and by symmetry one G GEMM per tile (G_ij + G_ji):
-    2 N^2 (C_s + C_t + C_s). Otherwise one pass per owner side (rows, columns): twice that."""
+    S,T tiles, 2 N^2 (C_s + C_t), and the backward's (BACKWARD_GEMMS)."""
     algorithm, backend, _ = parse(impl)
     if algorithm != "blocked":
         return None
-    nn = float(N) * N
-    passes = 1 if backend in ONE_PASS else 2
-    return 2 * nn * ((Cs + Ct) + passes * ((Cs + Ct) + Cs))
+    return 2 * float(N) * N * ((Cs + Ct) + BACKWARD_GEMMS[backend](Cs, Ct))
 
 
 def _impls(device, loss):
