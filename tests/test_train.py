@@ -194,6 +194,61 @@ def test_no_temporal_terms_use_one_frame():
         compute_losses({"ce": 1.0, "tl": 0.1}, frames, label, flow, s)
 
 
+# ------------------------------------------------------------------ checkpoints and evaluation
+
+def test_resume_checkpoint_is_weights_only_and_old_ones_resume(tmp_path, capsys):
+    """A <stage>_last.pt holds tensors and plain data only (torch.load(weights_only=True) reads it
+    with no allow-list); one written before (numpy's RNG state as an array) still resumes."""
+    import numpy as np
+    run = tmp_path / "run"
+    argv = ["--preset", "smoke", "--set", f"run_dir={run}", "--set", "stages=teacher", "--set", "teacher.iters=4",
+            "--set", "plots=false", "--set", "train.tensorboard=false"]
+    assert main(argv + ["--set", "train.max_iters_this_run=2"]) == 0
+    last = run / "checkpoints" / "teacher_last.pt"
+    st = torch.load(last, map_location="cpu", weights_only=True)
+    rng = st["rng"]
+    old = dict(rng, numpy=(rng["numpy"]["name"], rng["numpy"]["key"].numpy().astype(np.uint32), rng["numpy"]["pos"],
+                           rng["numpy"]["has_gauss"], rng["numpy"]["cached_gaussian"]),
+               python=(rng["python"]["version"], tuple(rng["python"]["state"].tolist()), rng["python"]["gauss"]))
+    torch.save({**st, "rng": old}, last)
+    with pytest.raises(Exception):
+        torch.load(last, map_location="cpu", weights_only=True)  # the old format needs numpy's globals
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    assert "resuming at iteration 2/4" in capsys.readouterr().out
+    assert torch.load(run / "checkpoints" / "teacher_final.pt", weights_only=True)["iteration"] == 4
+
+
+def test_rng_states_round_trip():
+    import random
+
+    import numpy as np
+
+    from trainer.utils import rng_states, set_rng_states
+    st = rng_states()
+    draw = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states(st)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draw[0], again[0]) and np.array_equal(draw[1], again[1]) and draw[2] == again[2]
+
+
+def test_eval_batch_size_is_the_forward_batch():
+    from trainer.engine import build_data, build_model, evaluate
+    from trainer.utils import Dist
+    seen = {}
+    for bs in (3, 8):
+        cfg = trainer.load_config(None, [f"eval.batch_size={bs}", "eval.fps_iters=1"], preset="smoke")
+        torch.manual_seed(0)
+        model = build_model(cfg, "student")
+        sizes = []
+        model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+        res = evaluate(cfg, model, Dist("cpu"), build_data(cfg, "val"))
+        seen[bs] = (sizes, res)
+    clip = trainer.load_config(None, [], preset="smoke")["data"]["clip_length"]  # 8 frames per clip
+    assert seen[3][0][:3] == [3, 3, clip - 6] and seen[8][0][0] == clip
+    assert seen[3][1]["miou"] == pytest.approx(seen[8][1]["miou"], abs=0.1)  # per-frame predictions either way
+
+
 # ------------------------------------------------------------------ DDP (gloo, 2 ranks on CPU)
 
 def _free_port():

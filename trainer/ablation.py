@@ -27,8 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cli import error
-from .config import ConfigError, check_environment, check_run_dir, load_config
+from .config import check_environment, check_run_dir, load_config
+from .errors import ConfigError, error
+from .plots import pyplot, save
 from .utils import read_jsonl
 
 SCHEMES = {
@@ -98,10 +99,7 @@ def table(results: dict, teacher: dict | None, cfg: dict) -> str:
 
 def plot(results: dict, teacher: dict | None, path: Path) -> None:
     """mIoU vs TC: one colour per scheme, mean ± std bars, the single seeds as small dots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     colours = plt.get_cmap("tab10")
     for i, (s, (name, _)) in enumerate(SCHEMES.items()):
@@ -122,9 +120,7 @@ def plot(results: dict, teacher: dict | None, path: Path) -> None:
     ax.set_title("Loss-term ablation (Table 1 schemes): mean ± std, dots = seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def _run(cmd, log: Path, threads: int) -> tuple[int, float]:

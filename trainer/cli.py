@@ -4,26 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, check_environment, load_config, resolve_stages, trained_stages
+from .config import check_environment, load_config, resolve_stages, trained_stages
 from .engine import Stopped, Trainer, evaluate
+from .errors import ConfigError, error
 from .utils import Dist, atomic_write_text, remove_stale_temp_files
-
-_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def error(message: str) -> int:
-    """A user error: one line on stderr (no ANSI escapes, whatever the message quoted); returns
-    exit code 2 (argparse's own convention)."""
-    line = " ".join(_ESCAPES.sub("", str(message)).split())
-    print(f"train.py: error: {line}", file=sys.stderr)
-    return 2
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,12 +13,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """Every user error of train.py (config, command line, run folder, checkpoints, device): raised
-    anywhere in trainer/, caught once in ``trainer.cli.main`` and reported as one line on stderr,
-    exit code 2, no traceback."""
-
+from .errors import ConfigError  # also trainer.config.ConfigError
 
 # Loss terms of eq. 3. ce/aux are the supervised terms; the others are multiplied by lambda.
 STUDENT_TERMS = ("ce", "aux", "kd", "pa", "tl", "pf", "mf")
@@ -104,7 +99,7 @@ DEFAULTS = {
         "rank_checkpoints": False,    # every DDP rank also writes its final weights (sync checks)
     },
     "eval": {
-        "batch_size": 1,
+        "batch_size": 8,              # frames per forward pass in evaluation (bounds memory; fps is timed at batch 1)
         "fps_iters": 20,
         "fps_size": None,             # [H, W] of the latency measurement (default: eval frames)
     },
@@ -374,8 +369,7 @@ def _data_name(key, v):
 
 def _model(key, v):
     import models
-    name = v.lower() if isinstance(v, str) else None
-    if name is None or models.segmentation._ALIASES.get(name, name) not in models.SEGMENTATION_MODELS:
+    if models.model_key(v) is None:
         raise ConfigError(f"unknown {key} {v!r}; choose from {sorted(models.SEGMENTATION_MODELS)}")
     return v
 

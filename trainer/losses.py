@@ -30,6 +30,33 @@ def effective_weights(section: dict, lam: float) -> Dict[str, float]:
     return out
 
 
+TRIPLET_TERMS = ("tl", "pf", "mf")  # terms that need the outputs of all three frames of the triplet
+
+
+def stage_weights(cfg: dict, stage: str) -> Dict[str, float]:
+    """Weights of the terms a stage trains: the teacher's and the student's from their sections
+    (:func:`effective_weights`); the baseline's are the student's supervised terms only."""
+    if stage == "baseline":
+        return {k: float(cfg["student"]["loss_weights"][k]) for k in SUPERVISED if cfg["student"]["losses"][k]}
+    return effective_weights(cfg[stage], cfg["loss"]["lambda"])
+
+
+def loss_options(cfg: dict) -> dict:
+    """The keyword options of :func:`compute_losses` that a config sets."""
+    s, lc = cfg["student"], cfg["loss"]
+    return dict(kd_temperature=s["kd_temperature"], pa_pool=s["pa_pool"], pf_pool=s["pf_pool"], tl_on=lc["tl_on"],
+                tl_mask_power=lc["tl_mask_power"], backend=lc["backend"])
+
+
+def needs_triplet(cfg: dict, stage: str, weights: Dict[str, float]) -> bool:
+    """Whether a stage puts all three frames through the network (BatchNorm then sees 3x the
+    images): when a term needs them, or always with ``student.forward_triplet: always``, which gives
+    every scheme the same BatchNorm statistics (the ablation compares loss terms, not batch sizes)."""
+    if any(k in weights for k in TRIPLET_TERMS):
+        return True
+    return stage != "teacher" and cfg["student"]["forward_triplet"] == "always"
+
+
 def _pool(x: torch.Tensor, size) -> torch.Tensor:
     return x if size is None else F.adaptive_avg_pool2d(x, size)
 
@@ -65,7 +92,7 @@ def compute_losses(weights: Dict[str, float], frames: torch.Tensor, label: torch
         terms["ce"] = F.cross_entropy(_full(frame(s_out, "logits", lab), (H, W)), label, ignore_index=ignore_index)
     if "aux" in weights and "aux" in s_out:
         terms["aux"] = F.cross_entropy(_full(frame(s_out, "aux", lab), (H, W)), label, ignore_index=ignore_index)
-    temporal = [k for k in ("tl", "pf", "mf") if k in weights]
+    temporal = [k for k in TRIPLET_TERMS if k in weights]
     if temporal and nf != 3:
         raise ValueError(f"terms {temporal} need the outputs of all three frames")
     if any(k in weights for k in ("kd", "pa", "pf", "mf")) and t_out is None:
