@@ -37,10 +37,11 @@ def parse_args(argv=None):
     g.add_argument("--output", help="folder for the colour-coded frames (and side_by_side.mp4)")
     g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     g.add_argument("--max-frames", type=int, default=None, help="only the first N frames of the input")
-    g = p.add_argument_group("ablation (Table 1, schemes a-h)")
+    g = p.add_argument_group("ablation (Table 1, schemes a-h; E, H: e and h with the released code's loss semantics)")
     g.add_argument("--ablation", action="store_true",
                    help="train one teacher, then a student per scheme and seed; write table.md and the plot")
-    g.add_argument("--schemes", default="abcdefgh", help="which schemes, e.g. aeh (default: all)")
+    g.add_argument("--schemes", default="abcdefgh",
+                   help="which schemes, e.g. aeh (default: a-h; E, H: e, h with loss.semantics=released)")
     g.add_argument("--seeds", type=int, default=3, help="seeds for the --seeded schemes (default 3)")
     g.add_argument("--seeded", default="ah", help="schemes run with --seeds seeds, the others with one (default ah)")
     g.add_argument("--jobs", type=int, default=None, help="student runs at once (default: one per CPU core on CPU, 1 on CUDA)")
