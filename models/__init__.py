@@ -10,14 +10,15 @@
 
 from .segmentation import (PAPER_PARAMS_M, SEGMENTATION_MODELS, HRNetSeg, PSPNet, SegmentationModel, TinySegNet,
                            build_segmentation_model, count_parameters, format_parameter_table, load_backbone_weights,
-                           load_checkpoint, load_weights, parameter_table, upsample_logits)
+                           load_checkpoint, load_weights, mismatch_report, model_key, parameter_table,
+                           upsample_logits)
 from .flow import (FLOW_ESTIMATORS, DISFlow, FloFileFlow, FlowEstimator, GTFlow, RAFTFlow, build_flow_estimator,
                    read_flo, resize_flow, warp, write_flo)
 
 __all__ = [
     "PAPER_PARAMS_M", "SEGMENTATION_MODELS", "HRNetSeg", "PSPNet", "SegmentationModel", "TinySegNet",
     "build_segmentation_model", "count_parameters", "format_parameter_table", "load_backbone_weights",
-    "load_checkpoint", "load_weights", "parameter_table", "upsample_logits",
+    "load_checkpoint", "load_weights", "mismatch_report", "model_key", "parameter_table", "upsample_logits",
     "FLOW_ESTIMATORS", "DISFlow", "FloFileFlow", "FlowEstimator", "GTFlow", "RAFTFlow", "build_flow_estimator",
     "read_flo", "resize_flow", "warp", "write_flo",
 ]

@@ -40,7 +40,8 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 __all__ = [
     "SegmentationModel", "PSPNet", "HRNetSeg", "TinySegNet", "PPM",
     "build_segmentation_model", "upsample_logits", "count_parameters", "parameter_table",
-    "load_checkpoint", "load_weights", "load_backbone_weights", "SEGMENTATION_MODELS", "PAPER_PARAMS_M",
+    "load_checkpoint", "load_weights", "load_backbone_weights", "mismatch_report", "model_key",
+    "SEGMENTATION_MODELS", "PAPER_PARAMS_M",
 ]
 
 # Table 4 of the paper (19 classes), in millions.
@@ -281,7 +282,10 @@ def load_checkpoint(path) -> "OrderedDict[str, torch.Tensor]":
     return out
 
 
-def _mismatch_report(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], ignore_unexpected=False):
+def mismatch_report(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                    ignore_unexpected: bool = False) -> list:
+    """How a state dict ``given`` differs from ``expected`` (a model's): one line each for the missing
+    keys, the unexpected keys (unless ``ignore_unexpected``) and the shape mismatches; [] if it fits."""
     missing = [k for k in expected if k not in given]
     unexpected = [] if ignore_unexpected else [k for k in given if k not in expected]
     shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -301,7 +305,7 @@ def load_weights(model: nn.Module, path, strict: bool = True) -> nn.Module:
     """
     sd = load_checkpoint(path)
     expected = model.state_dict()
-    problems = _mismatch_report(expected, sd, ignore_unexpected=not strict)
+    problems = mismatch_report(expected, sd, ignore_unexpected=not strict)
     if not strict:
         problems = [p for p in problems if "shape mismatches" in p]
     if problems:
@@ -325,7 +329,7 @@ def load_backbone_weights(model: nn.Module, path) -> nn.Module:
     if any(k.startswith("backbone.") for k in sd):
         sd = OrderedDict((k[len("backbone."):], v) for k, v in sd.items() if k.startswith("backbone."))
     expected = backbone.state_dict()
-    problems = _mismatch_report(expected, sd, ignore_unexpected=True)
+    problems = mismatch_report(expected, sd, ignore_unexpected=True)
     if problems:
         name = getattr(model, "backbone_name", "")
         raise ValueError(f"checkpoint {os.fspath(path)} does not match the backbone {name} of "
@@ -351,6 +355,14 @@ _ALIASES = {
 }
 
 
+def model_key(name) -> Optional[str]:
+    """The key in ``SEGMENTATION_MODELS`` of a model name or alias (any case), or None if unknown."""
+    if not isinstance(name, str):
+        return None
+    key = _ALIASES.get(name.lower(), name.lower())
+    return key if key in SEGMENTATION_MODELS else None
+
+
 def build_segmentation_model(name: str, num_classes: int, *, weights=None, pretrained_backbone=None,
                              **opts) -> SegmentationModel:
     """Build a segmentation network by name.
@@ -364,8 +376,8 @@ def build_segmentation_model(name: str, num_classes: int, *, weights=None, pretr
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in SEGMENTATION_MODELS:
+    key = model_key(name)
+    if key is None:
         raise ValueError(f"unknown segmentation model name {name!r}; choose from {sorted(SEGMENTATION_MODELS)}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -391,7 +403,7 @@ def parameter_table(num_classes: int = 19, names: Optional[Sequence[str]] = None
     for name in names or ("pspnet18", "mobilenetv2", "hrnet_w18_small", "pspnet101", "tiny"):
         model = build_segmentation_model(name, num_classes)
         n, n_aux = count_parameters(model), count_parameters(model, include_aux=True)
-        paper = PAPER_PARAMS_M.get(_ALIASES.get(name, name))
+        paper = PAPER_PARAMS_M.get(model_key(name))
         rows.append({"name": name, "params_m": n / 1e6, "params_with_aux_m": n_aux / 1e6, "paper_m": paper,
                      "diff_pct": None if paper is None else 100.0 * (n / 1e6 - paper) / paper})
         del model

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tcloss
 import trainer
 from trainer.cli import main
 from trainer.losses import compute_losses, effective_weights
@@ -192,6 +193,154 @@ def test_no_temporal_terms_use_one_frame():
     assert set(terms) == {"ce", "aux"}
     with pytest.raises(ValueError, match="three frames"):
         compute_losses({"ce": 1.0, "tl": 0.1}, frames, label, flow, s)
+
+
+# ------------------------------------------------------------------ loss.semantics=released
+#
+# Each released term through compute_losses against the released code's math on the same
+# inputs (the mappings of tests/test_porting.py), per (t, t+k) pair and averaged over the
+# triplet's two pairs.
+
+def _released(term, **opts):
+    frames, label, flow = _inputs()
+    s, t = _fake_outputs(), _fake_outputs(teacher=True)
+    _, terms = compute_losses({term: 1.0}, frames, label, flow, s, t, semantics="released", backend="reference",
+                              **opts)
+    paper = compute_losses({term: 1.0}, frames, label, flow, s, t, backend="reference")[1][term]
+    assert not torch.allclose(terms[term], paper)  # the option changes the term
+    frame = {k: v.detach().view(2, 3, *v.shape[1:]) for k, v in s.items()}
+    tframe = {k: v.view(2, 3, *v.shape[1:]) for k, v in t.items()}
+    return terms[term], frames, flow, frame, tframe
+
+
+def test_released_tl_is_temporal_loss_on_logits_mask_power_2_over_c():
+    got, frames, flow, s, _ = _released("tl")
+    H, W = frames.shape[-2:]
+    z = [torch.nn.functional.interpolate(s["logits"][:, i], size=(H, W), mode="bilinear", align_corners=False)
+         for i in range(3)]
+    img = frames / 255.0
+    C = z[1].shape[1]
+    pairs = [tcloss.temporal_loss(z[1], z[nb], flow[:, j], img[:, 1], img[:, nb], on="logit", mask_power=2,
+                                  backend="reference") / C for j, nb in ((0, 0), (1, 2))]
+    torch.testing.assert_close(got, (pairs[0] + pairs[1]) / 2)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_released_kd_is_frame_sum_of_elementwise_kl_mean(tau):
+    got, _, _, s, t = _released("kd", kd_temperature=tau)
+
+    def theirs(i):  # ETC CriterionKD of one frame: the mean over B*C*H*W of the element-wise KL
+        zt = t["logits"][:, i] / tau
+        zs = s["logits"][:, i] / tau
+        return (torch.softmax(zt, 1) * (torch.log_softmax(zt, 1) - torch.log_softmax(zs, 1))).mean()
+    torch.testing.assert_close(got, theirs(1) + (theirs(0) + theirs(2)) / 2)
+
+
+def test_released_kd_upsamples_the_student_to_the_teachers_size():
+    from trainer.losses import released_kd
+    g = torch.Generator().manual_seed(3)
+    small, big = torch.randn(2, 5, 3, 4, generator=g), torch.randn(2, 5, 6, 8, generator=g)
+    up = torch.nn.functional.interpolate(small, size=(6, 8), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(released_kd(small, big, 1.0), tcloss.pixelwise_kd(up, big) / 5)
+
+
+def test_released_pa_is_pooled_self_similarity_plus_cross_frame_terms():
+    got, _, _, s, t = _released("pa")
+
+    def sim(a, b):  # cosine similarity of every pixel of a with every pixel of b, (B, N_a, N_b)
+        a = torch.nn.functional.normalize(a.flatten(2), dim=1, eps=1e-8)
+        b = torch.nn.functional.normalize(b.flatten(2), dim=1, eps=1e-8)
+        return a.transpose(1, 2) @ b
+
+    pool = [(torch.nn.functional.avg_pool2d(s["feat"][:, i], 2, ceil_mode=True),
+             torch.nn.functional.avg_pool2d(t["feat"][:, i], 2, ceil_mode=True)) for i in range(3)]
+    (s1, t1) = pool[1]
+    self_term = ((sim(t1, t1) - sim(s1, s1)) ** 2).mean()
+    cross = [((sim(t1, pool[nb][1]) - sim(s1, pool[nb][0])) ** 2).mean() for nb in (0, 2)]
+    torch.testing.assert_close(got, self_term + 0.4 * (cross[0] + cross[1]) / 2)
+
+
+def test_released_semantics_in_the_trainer():
+    from trainer.losses import loss_options, needs_triplet, stage_weights
+    cfg = trainer.load_config(None, ["loss.semantics=released", "student.forward_triplet=auto"])
+    assert loss_options(cfg)["semantics"] == "released"
+    kd_only = [f"student.losses.{t}=false" for t in ("pa", "tl", "pf", "mf")]
+    for semantics, whole in (("paper", False), ("released", True)):  # released kd needs the neighbours
+        c = trainer.load_config(None, kd_only + [f"loss.semantics={semantics}", "student.forward_triplet=auto"])
+        assert needs_triplet(c, "student", stage_weights(c, "student")) is whole
+    frames, label, flow = _inputs()
+    one = {k: v[::3] for k, v in _fake_outputs().items()}
+    with pytest.raises(ValueError, match="three frames"):
+        compute_losses({"kd": 1.0}, frames, label, flow, one, _fake_outputs(teacher=True), semantics="released")
+    with pytest.raises(ValueError, match="semantics"):
+        compute_losses({"ce": 1.0}, frames, label, flow, _fake_outputs(), semantics="eq1")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "loss.semantics=eq1"], "loss.semantics must be one of paper, released, got 'eq1'"),
+    (["--set", "loss.semantics=released", "--set", "loss.tl_on=logit"], "loss.tl_on apply to semantics=paper"),
+    (["--set", "loss.semantics=released", "--set", "student.pa_pool=4"], "student.pa_pool apply to semantics=paper"),
+])
+def test_semantics_option_is_validated(args, words, capsys, tmp_path):
+    assert main(args + ["--set", f"run_dir={tmp_path / 'never'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+# ------------------------------------------------------------------ checkpoints and evaluation
+
+def test_resume_checkpoint_is_weights_only_and_old_ones_resume(tmp_path, capsys):
+    """A <stage>_last.pt holds tensors and plain data only (torch.load(weights_only=True) reads it
+    with no allow-list); one written before (numpy's RNG state as an array) still resumes."""
+    import numpy as np
+    run = tmp_path / "run"
+    argv = ["--preset", "smoke", "--set", f"run_dir={run}", "--set", "stages=teacher", "--set", "teacher.iters=4",
+            "--set", "plots=false", "--set", "train.tensorboard=false"]
+    assert main(argv + ["--set", "train.max_iters_this_run=2"]) == 0
+    last = run / "checkpoints" / "teacher_last.pt"
+    st = torch.load(last, map_location="cpu", weights_only=True)
+    rng = st["rng"]
+    old = dict(rng, numpy=(rng["numpy"]["name"], rng["numpy"]["key"].numpy().astype(np.uint32), rng["numpy"]["pos"],
+                           rng["numpy"]["has_gauss"], rng["numpy"]["cached_gaussian"]),
+               python=(rng["python"]["version"], tuple(rng["python"]["state"].tolist()), rng["python"]["gauss"]))
+    torch.save({**st, "rng": old}, last)
+    with pytest.raises(Exception):
+        torch.load(last, map_location="cpu", weights_only=True)  # the old format needs numpy's globals
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    assert "resuming at iteration 2/4" in capsys.readouterr().out
+    assert torch.load(run / "checkpoints" / "teacher_final.pt", weights_only=True)["iteration"] == 4
+
+
+def test_rng_states_round_trip():
+    import random
+
+    import numpy as np
+
+    from trainer.utils import rng_states, set_rng_states
+    st = rng_states()
+    draw = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states(st)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draw[0], again[0]) and np.array_equal(draw[1], again[1]) and draw[2] == again[2]
+
+
+def test_eval_batch_size_is_the_forward_batch():
+    from trainer.engine import build_data, build_model, evaluate
+    from trainer.utils import Dist
+    seen = {}
+    for bs in (3, 8):
+        cfg = trainer.load_config(None, [f"eval.batch_size={bs}", "eval.fps_iters=1"], preset="smoke")
+        torch.manual_seed(0)
+        model = build_model(cfg, "student")
+        sizes = []
+        model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+        res = evaluate(cfg, model, Dist("cpu"), build_data(cfg, "val"))
+        seen[bs] = (sizes, res)
+    clip = trainer.load_config(None, [], preset="smoke")["data"]["clip_length"]  # 8 frames per clip
+    assert seen[3][0][:3] == [3, 3, clip - 6] and seen[8][0][0] == clip
+    assert seen[3][1]["miou"] == pytest.approx(seen[8][1]["miou"], abs=0.1)  # per-frame predictions either way
 
 
 # ------------------------------------------------------------------ DDP (gloo, 2 ranks on CPU)

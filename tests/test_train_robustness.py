@@ -129,6 +129,7 @@ CASES = [
     ("bool-expected", ["--set", "student.losses.mf=maybe"], "student.losses.mf must be true or false", None),
     ("tensorboard-choice", ["--set", "train.tensorboard=sometimes"], "train.tensorboard must be one of", None),
     ("amp-choice", ["--set", "train.amp=fp8"], "train.amp must be one of none, bf16, fp16", None),
+    ("semantics-choice", ["--set", "loss.semantics=eq1"], "loss.semantics must be one of paper, released", None),
     ("scale-order", ["--set", "data.scale=[2, 1]"], "data.scale must be a pair", None),
     ("size-type", ["--set", "data.crop_size=big"], "data.crop_size must be a positive int", None),
     ("stages-empty", ["--set", "stages=[]"], "stages must be all", None),

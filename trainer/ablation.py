@@ -9,15 +9,27 @@ budget and teacher; only the switched-on terms of eq. 3 differ:
     c PF                        g SF + PF + MF
     d MF                        h SF + PF + MF + TL (all)
 
+with the terms as the paper writes them (``loss.semantics=paper``: TL is eq. 1 on probabilities).
+Two more arms run a scheme's terms with the released code's semantics
+(``loss.semantics=released``, see trainer/losses.py), written as capitals on the command line:
+
+    E  (e') TL, released        H  (h') all, released
+
+e.g. ``--schemes aeEH --seeded aeEH``; their run folders are ``e_released_seed<n>`` and
+``h_released_seed<n>``. The teacher is shared by every arm (trained with the config's semantics).
+
 Schemes a and h (``--seeded``) run with ``--seeds`` seeds (seed, seed+1, ...), the others with
 the config's seed; the seed changes the student's initialisation and batch order, not the data
 (``data.seed`` stays fixed). Students run as ``train.py`` subprocesses, ``--jobs`` at a time
-(one thread each on CPU). Written to ``run_dir``: ``table.md`` (mean ± std where seeded),
-``results.json``, ``miou_vs_tc.png``; ``--resume`` keeps finished runs.
+(one thread each on CPU). Written to ``run_dir``: ``table.md`` (mean ± std where seeded, and the
+paired differences to (a), see :func:`paired`), ``results.json``, ``miou_vs_tc.png``; ``--resume``
+keeps finished runs.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,8 +39,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cli import error
-from .config import ConfigError, check_environment, check_run_dir, load_config
+from .config import check_environment, check_run_dir, load_config
+from .errors import ConfigError, error
+from .plots import pyplot, save
 from .utils import read_jsonl
 
 SCHEMES = {
@@ -42,6 +55,8 @@ SCHEMES = {
     "h": ("SF+PF+MF+TL (all)", ("kd", "pa", "pf", "mf", "tl")),
 }
 SWITCHED = ("kd", "pa", "tl", "pf", "mf")  # ce and aux stay on in every scheme
+RELEASED = {"E": "e", "H": "h"}  # arm -> the scheme whose terms it runs with loss.semantics=released
+ARMS = (*SCHEMES, *RELEASED)
 SEEDED = ("a", "h")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "ablation.yaml"
@@ -60,58 +75,111 @@ def _fmt(m, s):
     return f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
 
 
+def arm_terms(arm: str) -> tuple:
+    return SCHEMES[RELEASED.get(arm, arm)][1]
+
+
+def arm_label(arm: str) -> str:
+    """(e') for E: the letter and the name of an arm in tables and plots."""
+    if arm in RELEASED:
+        return f"({RELEASED[arm]}') {SCHEMES[RELEASED[arm]][0]}, released"
+    return f"({arm}) {SCHEMES[arm][0]}"
+
+
+def run_name(arm: str, seed: int) -> str:
+    """The run folder of an arm and seed (no two differ only in case)."""
+    return f"{RELEASED[arm]}_released_seed{seed}" if arm in RELEASED else f"{arm}_seed{seed}"
+
+
 def plan(schemes: str, seed: int, seeds: int, seeded: str = "".join(SEEDED)):
     """[(scheme, seed), ...] in running order (every scheme's first seed before extra seeds);
     the schemes in ``seeded`` get ``seeds`` seeds, the others one."""
     for name, val in (("--schemes", schemes), ("--seeded", seeded)):
-        if set(val) - set(SCHEMES) or (name == "--schemes" and not val):
-            raise ConfigError(f"{name} must be letters of {''.join(SCHEMES)}, got {val!r}")
+        if set(val) - set(ARMS) or (name == "--schemes" and not val):
+            raise ConfigError(f"{name} must be letters of {''.join(ARMS)}, got {val!r}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    order = [s for s in SCHEMES if s in schemes]
+    order = [s for s in ARMS if s in schemes]
     tasks = [(s, seed) for s in order]
     tasks += [(s, seed + k) for k in range(1, seeds) for s in order if s in seeded]
     return tasks
 
 
-def student_overrides(scheme: str) -> list:
-    on = SCHEMES[scheme][1]
-    return [f"student.losses.{t}={'true' if t in on else 'false'}" for t in SWITCHED]
+def student_overrides(arm: str) -> list:
+    """--set values of an arm's student: its terms on, the others off, and its semantics."""
+    on = arm_terms(arm)
+    return ([f"student.losses.{t}={'true' if t in on else 'false'}" for t in SWITCHED]
+            + [f"loss.semantics={'released' if arm in RELEASED else 'paper'}"])
+
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (beyond 30: the value at 30, a
+# slightly wider interval).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired(results: dict, arm: str, key: str, base: str = "a"):
+    """The paired difference arm - base of a metric over the seeds both ran: {n, mean, ci95 (the
+    half-width of the t interval), p (two-sided, exact sign-flip test: every +-1 pattern of the
+    differences, up to 16 seeds)}, or None below 2 seeds."""
+    ref = {r["seed"]: r[key] for r in results.get(base, []) if r.get(key) is not None}
+    d = [r[key] - ref[r["seed"]] for r in results.get(arm, []) if r.get(key) is not None and r["seed"] in ref]
+    n = len(d)
+    if n < 2:
+        return None
+    mean = statistics.fmean(d)
+    ci = _T975[min(n - 1, len(_T975)) - 1] * statistics.stdev(d) / math.sqrt(n)
+    p = None
+    if n <= 16:
+        flips = [abs(sum(x * s for x, s in zip(d, signs))) / n for signs in itertools.product((1, -1), repeat=n)]
+        p = sum(f >= abs(mean) - 1e-12 for f in flips) / len(flips)
+    return {"n": n, "mean": mean, "ci95": ci, "p": p}
+
+
+def paired_table(results: dict, base: str = "a") -> str:
+    """Markdown: per arm, the paired differences to ``base`` in TC and mIoU (see :func:`paired`)."""
+    lines = [f"| arm - ({base}) | seeds | ΔTC [95 % CI] | p (TC) | ΔmIoU [95 % CI] | p (mIoU) |",
+             "|---|---|---|---|---|---|"]
+    for s in ARMS:
+        stats = [paired(results, s, k, base) for k in ("tc", "miou")]
+        if s == base or stats[0] is None:
+            continue
+        cells = [f"{x['mean']:+.2f} ± {x['ci95']:.2f} | {'-' if x['p'] is None else format(x['p'], '.3f')}"
+                 for x in stats]
+        lines.append(f"| {arm_label(s)} | {stats[0]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(results: dict, teacher: dict | None, cfg: dict) -> str:
-    """Markdown table: one row per scheme, mean ± std over its seeds."""
+    """Markdown table: one row per arm, mean ± std over its seeds."""
     lines = ["| scheme | terms (+ CE, aux) | seeds | mIoU | pixel acc. | TC |",
              "|---|---|---|---|---|---|"]
     if teacher:
         lines.append(f"| teacher ({cfg['teacher']['model']} {cfg['teacher']['model_options']}) | CE + TL | 1 | "
                      f"{teacher['miou']:.1f} | {teacher['pixel_acc']:.1f} | {teacher['tc']:.1f} |")
-    for s, (name, terms) in SCHEMES.items():
+    for s in ARMS:
         runs = [r for r in results.get(s, []) if r.get("miou") is not None]
         if not runs:
             continue
         cols = [_fmt(*_mean_std([r[k] for r in runs])) for k in ("miou", "pixel_acc", "tc")]
-        lines.append(f"| ({s}) {name} | {' + '.join(t.upper() for t in terms) or '-'} | {len(runs)} | "
+        lines.append(f"| {arm_label(s)} | {' + '.join(t.upper() for t in arm_terms(s)) or '-'} | {len(runs)} | "
                      + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
 def plot(results: dict, teacher: dict | None, path: Path) -> None:
     """mIoU vs TC: one colour per scheme, mean ± std bars, the single seeds as small dots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     colours = plt.get_cmap("tab10")
-    for i, (s, (name, _)) in enumerate(SCHEMES.items()):
+    for i, s in enumerate(ARMS):
         runs = [r for r in results.get(s, []) if r.get("miou") is not None]
         if not runs:
             continue
         (mi, si), (mt, st) = _mean_std([r["miou"] for r in runs]), _mean_std([r["tc"] for r in runs])
         c = colours(i)
         ax.errorbar(mt, mi, xerr=st or 0, yerr=si or 0, fmt="o", ms=7, capsize=3, color=c, alpha=0.9,
-                    label=f"({s}) {name}" + (f", {len(runs)} seeds" if len(runs) > 1 else ""))
+                    label=arm_label(s) + (f", {len(runs)} seeds" if len(runs) > 1 else ""))
         ax.annotate(s, (mt, mi), textcoords="offset points", xytext=(4, 4), fontsize=10, color=c, weight="bold")
         if len(runs) > 1:
             ax.scatter([r["tc"] for r in runs], [r["miou"] for r in runs], s=10, color=c, alpha=0.45)
@@ -122,9 +190,7 @@ def plot(results: dict, teacher: dict | None, path: Path) -> None:
     ax.set_title("Loss-term ablation (Table 1 schemes): mean ± std, dots = seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def _run(cmd, log: Path, threads: int) -> tuple[int, float]:
@@ -189,7 +255,7 @@ def main(args) -> int:
     # -- students ------------------------------------------------------------
     def one(task):
         scheme, seed = task
-        d = run_dir / f"{scheme}_seed{seed}"
+        d = run_dir / run_name(scheme, seed)
         if args.resume and (d / "metrics.json").is_file():
             return task, 0, None
         d.mkdir(parents=True, exist_ok=True)
@@ -199,7 +265,7 @@ def main(args) -> int:
         for o in student_overrides(scheme):
             cmd += ["--set", o]
         rc, dt = _run(cmd, d / "stdout.log", threads)
-        out(f"[ablation] ({scheme}) {SCHEMES[scheme][0]} seed {seed}: "
+        out(f"[ablation] {arm_label(scheme)} seed {seed}: "
             + ("done" if rc == 0 else f"FAILED (exit {rc}, see {d / 'stdout.log'})") + f" in {dt:.0f} s")
         return task, rc, dt
 
@@ -209,13 +275,13 @@ def main(args) -> int:
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for (scheme, seed), rc, dt in pool.map(one, tasks):
             if rc != 0:
-                failed.append(f"{scheme}_seed{seed}")
+                failed.append(run_name(scheme, seed))
             if dt is not None:
-                times[f"{scheme}_seed{seed}"] = round(dt, 1)
+                times[run_name(scheme, seed)] = round(dt, 1)
 
     results: dict = {}
     for scheme, seed in tasks:
-        m = run_dir / f"{scheme}_seed{seed}" / "metrics.json"
+        m = run_dir / run_name(scheme, seed) / "metrics.json"
         if m.is_file():
             st = json.loads(m.read_text()).get("student")
             if st:
@@ -232,19 +298,24 @@ def main(args) -> int:
           f"{cfg['student']['iters']} iterations, batch {cfg['train']['batch_size']}, lambda "
           f"{cfg['loss']['lambda']}. mean ± std over seeds (sample std).", "",
           table(results, teacher_metrics, cfg), "",
+          "Paired differences to the baseline of the same seed: mean ± the half-width of the 95 % t "
+          "interval; p: two-sided exact sign-flip test.", "",
+          paired_table(results), "",
           "Per run (training time of the student stage, from its log.jsonl; runs shared the cores):", "",
           "| run | mIoU | pixel acc. | TC | training s |", "|---|---|---|---|---|"]
-    for scheme in SCHEMES:
+    for scheme in ARMS:
         for r in results.get(scheme, []):
-            k = f"{scheme}_seed{r['seed']}"
+            k = run_name(scheme, r["seed"])
             ts = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
             md.append(f"| {k} | {r['miou']:.1f} | {r['pixel_acc']:.1f} | {r['tc']:.1f} | {ts} |")
     if failed:
         md += ["", f"FAILED runs: {', '.join(failed)}"]
     (run_dir / "table.md").write_text("\n".join(md) + "\n")
     (run_dir / "results.json").write_text(json.dumps(
-        {"teacher": teacher_metrics, "schemes": {s: {"name": SCHEMES[s][0], "terms": list(SCHEMES[s][1]),
-                                                     "runs": results.get(s, [])} for s in SCHEMES},
+        {"teacher": teacher_metrics,
+         "schemes": {s: {"name": SCHEMES[RELEASED.get(s, s)][0], "terms": list(arm_terms(s)),
+                         "semantics": "released" if s in RELEASED else "paper", "runs": results.get(s, []),
+                         "paired_to_a": {k: paired(results, s, k) for k in ("tc", "miou")}} for s in ARMS},
          "times_s": times, "failed": failed}, indent=2))
     if results and cfg["plots"]:
         plot(results, teacher_metrics, run_dir / "miou_vs_tc.png")

@@ -4,26 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, check_environment, load_config, resolve_stages, trained_stages
+from .config import check_environment, load_config, resolve_stages, trained_stages
 from .engine import Stopped, Trainer, evaluate
+from .errors import ConfigError, error
 from .utils import Dist, atomic_write_text, remove_stale_temp_files
-
-_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def error(message: str) -> int:
-    """A user error: one line on stderr (no ANSI escapes, whatever the message quoted); returns
-    exit code 2 (argparse's own convention)."""
-    line = " ".join(_ESCAPES.sub("", str(message)).split())
-    print(f"train.py: error: {line}", file=sys.stderr)
-    return 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,10 +37,11 @@ def parse_args(argv=None):
     g.add_argument("--output", help="folder for the colour-coded frames (and side_by_side.mp4)")
     g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     g.add_argument("--max-frames", type=int, default=None, help="only the first N frames of the input")
-    g = p.add_argument_group("ablation (Table 1, schemes a-h)")
+    g = p.add_argument_group("ablation (Table 1, schemes a-h; E, H: e and h with the released code's loss semantics)")
     g.add_argument("--ablation", action="store_true",
                    help="train one teacher, then a student per scheme and seed; write table.md and the plot")
-    g.add_argument("--schemes", default="abcdefgh", help="which schemes, e.g. aeh (default: all)")
+    g.add_argument("--schemes", default="abcdefgh",
+                   help="which schemes, e.g. aeh (default: a-h; E, H: e, h with loss.semantics=released)")
     g.add_argument("--seeds", type=int, default=3, help="seeds for the --seeded schemes (default 3)")
     g.add_argument("--seeded", default="ah", help="schemes run with --seeds seeds, the others with one (default ah)")
     g.add_argument("--jobs", type=int, default=None, help="student runs at once (default: one per CPU core on CPU, 1 on CUDA)")

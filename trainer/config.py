@@ -13,12 +13,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """Every user error of train.py (config, command line, run folder, checkpoints, device): raised
-    anywhere in trainer/, caught once in ``trainer.cli.main`` and reported as one line on stderr,
-    exit code 2, no traceback."""
-
+from .errors import ConfigError  # also trainer.config.ConfigError
 
 # Loss terms of eq. 3. ce/aux are the supervised terms; the others are multiplied by lambda.
 STUDENT_TERMS = ("ce", "aux", "kd", "pa", "tl", "pf", "mf")
@@ -84,8 +79,10 @@ DEFAULTS = {
     },
     "loss": {
         "lambda": 0.1,                # eq. 3
-        "tl_on": "prob",              # temporal loss on probabilities (eq. 1) or logit (the released code)
-        "tl_mask_power": 1,
+        "semantics": "paper",         # paper: the terms as the paper writes them (eq. 1 on probabilities);
+                                      # released: kd, pa, tl weighed as the released code (trainer/losses.py)
+        "tl_on": "prob",              # semantics=paper: temporal loss on probabilities (eq. 1) or logit
+        "tl_mask_power": 1,           # semantics=paper: the power of the occlusion mask
         "backend": "auto",
     },
     "train": {
@@ -104,7 +101,7 @@ DEFAULTS = {
         "rank_checkpoints": False,    # every DDP rank also writes its final weights (sync checks)
     },
     "eval": {
-        "batch_size": 1,
+        "batch_size": 8,              # frames per forward pass in evaluation (bounds memory; fps is timed at batch 1)
         "fps_iters": 20,
         "fps_size": None,             # [H, W] of the latency measurement (default: eval frames)
     },
@@ -374,8 +371,7 @@ def _data_name(key, v):
 
 def _model(key, v):
     import models
-    name = v.lower() if isinstance(v, str) else None
-    if name is None or models.segmentation._ALIASES.get(name, name) not in models.SEGMENTATION_MODELS:
+    if models.model_key(v) is None:
         raise ConfigError(f"unknown {key} {v!r}; choose from {sorted(models.SEGMENTATION_MODELS)}")
     return v
 
@@ -438,6 +434,7 @@ SCHEMA = {
     "student.mf.regularizer": _choice("std", "released", "none"),
     "student.mf.lr_mult": _num(0),
     "loss.lambda": _num(0),
+    "loss.semantics": _choice("paper", "released"),
     "loss.tl_on": _choice("prob", "logit", aliases={"logits": "logit"}),
     "loss.tl_mask_power": _num(0),
     "loss.backend": _backend,
@@ -471,6 +468,13 @@ def _leaves(d: dict, where: str = ""):
             yield key
 
 
+def _value(cfg: dict, key: str):
+    """The value of a dotted key."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
 def validate(cfg) -> None:
     """Check every option of a merged config (types, ranges, choices, local files) and the
     combinations that cannot run; normalises values in place. Reads no more than file names:
@@ -492,6 +496,12 @@ def validate(cfg) -> None:
         if d["flow"] == "gt":
             raise ConfigError(f"data.flow=gt needs ground-truth flow, which only the synthetic data has; "
                               f"use data.flow=dis (or raft_small / raft_large)")
+    if cfg["loss"]["semantics"] == "released":
+        fixed = [k for k in ("loss.tl_on", "loss.tl_mask_power", "student.pa_pool")
+                 if _value(cfg, k) != _value(DEFAULTS, k)]
+        if fixed:
+            raise ConfigError(f"loss.semantics=released fixes the temporal loss (on logits, mask power 2, / C) and "
+                              f"the pair-wise pooling (2x2): {', '.join(fixed)} apply to semantics=paper only")
     if cfg["student"]["mf"]["kernel_size"] % 2 == 0:
         raise ConfigError(f"student.mf.kernel_size must be odd, got {cfg['student']['mf']['kernel_size']}")
     stages = resolve_stages(cfg)

@@ -7,7 +7,9 @@ import math
 import time
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -18,9 +20,10 @@ import models
 import tcloss
 import videodata
 
-from .config import ConfigError, trained_stages
-from .losses import compute_losses, effective_weights
-from .utils import JsonlLog, atomic_save, atomic_write_text, rng_states, seed_for, set_rng_states
+from .config import trained_stages
+from .errors import ConfigError, one_line
+from .losses import compute_losses, loss_options, needs_triplet, stage_weights
+from .utils import JsonlLog, atomic_save, atomic_write_text, read_checkpoint, rng_states, seed_for, set_rng_states
 
 STAGE_ID = {"teacher": 1, "baseline": 2, "student": 3}
 
@@ -68,7 +71,7 @@ def build_data(cfg, split: str):
             opts.update(d["val_options"])
         ds = videodata.build_dataset(d["name"], **opts)
     except (FileNotFoundError, TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot build the {split} data set: {_one_line(exc)}") from None
+        raise ConfigError(f"cannot build the {split} data set: {one_line(exc)}") from None
     if getattr(ds, "num_classes", d["num_classes"]) != d["num_classes"]:
         raise ConfigError(f"data.num_classes={d['num_classes']} but the {d['name']} data set has {ds.num_classes}")
     if len(ds) == 0:
@@ -142,34 +145,7 @@ def build_model(cfg, role: str, weights=None, *, meta: bool = False):
                                                    **sec["model_options"])
     except (FileNotFoundError, ValueError, TypeError) as exc:
         which = "teacher" if role == "teacher" else "student"
-        raise ConfigError(f"cannot build the {role} network ({which}.model={sec['model']}): {_one_line(exc)}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first sentence of an exception's first line (torch's messages go on for paragraphs)."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text.split(". ")[0].rstrip(".")
-
-
-def read_checkpoint(path: Path, kind: str, mmap: bool = False) -> dict:
-    """A ``<stage>_<kind>.pt`` of a run folder (kind: last | final), or a ConfigError saying why
-    not: empty or truncated (a killed copy), not a torch file, not a train.py checkpoint."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ConfigError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    if size == 0:
-        raise ConfigError(f"checkpoint {path} is empty (0 bytes); delete it to train that stage again")
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)  # this run folder's own files
-    except Exception as exc:  # noqa: BLE001 - truncated, not a zip, pickled from elsewhere ...
-        raise ConfigError(f"checkpoint {path} is truncated or not a PyTorch file ({_one_line(exc)}); "
-                          f"delete it to train that stage again") from None
-    need = ("model", "iteration", "optimizer", "rng") if kind == "last" else ("model",)
-    if not isinstance(st, dict) or not all(k in st for k in need) or not isinstance(st["model"], dict):
-        raise ConfigError(f"{path} is not a <stage>_{kind}.pt checkpoint of train.py")
-    return st
+        raise ConfigError(f"cannot build the {role} network ({which}.model={sec['model']}): {one_line(exc)}") from None
 
 
 def check_fits(cfg, role: str, state: dict, path: Path) -> None:
@@ -177,19 +153,7 @@ def check_fits(cfg, role: str, state: dict, path: Path) -> None:
     another class count's checkpoint is a ConfigError, not a load_state_dict traceback)."""
     sec = "teacher" if role == "teacher" else "student"
     bare = {**cfg, sec: {**cfg[sec], "weights": None, "pretrained_backbone": None}}
-    expected = build_model(bare, role, meta=True).state_dict()
-    shape = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
-    wrong = [k for k in expected if k in shape and shape[k] != tuple(expected[k].shape)]
-    missing = [k for k in expected if k not in shape]
-    extra = [k for k in shape if k not in expected]
-    problems = []
-    if wrong:
-        k = wrong[0]
-        problems.append(f"{len(wrong)} tensors of another shape, e.g. {k} {shape[k]} vs {tuple(expected[k].shape)}")
-    if missing:
-        problems.append(f"{len(missing)} missing, e.g. {missing[0]}")
-    if extra:
-        problems.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    problems = models.mismatch_report(build_model(bare, role, meta=True).state_dict(), state)
     if problems:
         raise ConfigError(f"checkpoint {path} does not fit the {role} network of this config ({cfg[sec]['model']}, "
                           f"{cfg['data']['num_classes']} classes): {'; '.join(problems)}")
@@ -224,12 +188,43 @@ def _load_weights(model, state, path):
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # preflight checked it; the file changed since
-        raise ConfigError(f"checkpoint {path} does not fit the network of this config ({_one_line(exc)})") from None
+        raise ConfigError(f"checkpoint {path} does not fit the network of this config ({one_line(exc)})") from None
 
 
 def _distills(cfg) -> bool:
     """Whether the student stage needs the frozen teacher."""
     return any(cfg["student"]["losses"][k] for k in ("kd", "pa", "pf", "mf"))
+
+
+@dataclass
+class _StageRun:
+    """One training stage while it runs: what :meth:`Trainer._setup` built, advanced by the iterations."""
+    stage: str
+    run_id: str                  # written into this stage's checkpoints and log records
+    lr: float                    # the section's base learning rate
+    weights: dict                # term -> weight (see losses.stage_weights)
+    loss_options: dict           # the keyword options of compute_losses (see losses.loss_options)
+    teacher: Optional[nn.Module]
+    model: nn.Module
+    net: nn.Module               # the model, or its DDP wrapper
+    mf: Optional[nn.Module]
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    rng_id: int
+    total_iters: int
+    last: Path
+    final: Path
+    whole: bool                  # all three frames of the triplet through the network
+    it: int = 0
+    vals: dict = field(default_factory=dict)
+    bar: Any = None
+    t0: float = 0.0
+
+    def checkpoint(self, cfg) -> dict:
+        """The ``<stage>_last.pt`` of now: everything resume needs, as tensors and plain data."""
+        return {"stage": self.stage, "iteration": self.it, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "mf": None if self.mf is None else self.mf.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_states(), "config": cfg, "run": self.run_id}
 
 
 class Trainer:
@@ -373,37 +368,67 @@ class Trainer:
 
     # -- one training stage ------------------------------------------------
     def train_stage(self, stage: str):
-        cfg, dev, dist = self.cfg, self.dist.device, self.dist
-        sec = cfg["teacher"] if stage == "teacher" else cfg["student"]
-        tcfg = cfg["train"]
-        if stage == "teacher":
-            weights = effective_weights(cfg["teacher"], cfg["loss"]["lambda"])
-        elif stage == "baseline":
-            weights = {k: float(cfg["student"]["loss_weights"][k]) for k in ("ce", "aux")
-                       if cfg["student"]["losses"][k]}
-        else:
-            weights = effective_weights(cfg["student"], cfg["loss"]["lambda"])
+        """Train one stage in named steps: what is left to do (:meth:`_pending`), :meth:`_setup`,
+        :meth:`_resume`, :meth:`_iteration` per batch with a checkpoint every ``train.ckpt_every``,
+        :meth:`_finish`. ``train.max_iters_this_run`` ends the run with :class:`Stopped` (after a
+        checkpoint, or after the stage's final when its last iteration spent the budget)."""
+        pending = self._pending(stage)
+        if pending is None:
+            self.out(f"[{stage}] already finished ({self.ckpt(stage, 'final')}); skipping")
+            return
+        resumed, run_id = pending
+        run = self._setup(stage, run_id)
+        if resumed is not None:
+            self._resume(run, resumed)
+        self._parallelise(run)
+        tcfg = self.cfg["train"]
+        stop = False
+        try:
+            for batch in self._loader(run):
+                self._iteration(run, batch)
+                stop = tcfg["max_iters_this_run"] is not None and self.iters_this_run >= tcfg["max_iters_this_run"]
+                if run.it < run.total_iters and (stop or run.it % tcfg["ckpt_every"] == 0):
+                    if self.dist.is_main:
+                        atomic_save(run.checkpoint(self.cfg), run.last)
+                    if stop:
+                        self.dist.barrier()
+                        raise Stopped(f"[{stage}] stopped at iteration {run.it}/{run.total_iters} "
+                                      f"(max_iters_this_run); continue with --resume")
+        finally:
+            if run.bar is not None:
+                run.bar.close()
+        self._finish(run, legacy_log=resumed is not None and "run" not in resumed)
+        if stop:
+            raise Stopped(f"[{stage}] finished; stopped (max_iters_this_run); continue with --resume")
+
+    def _pending(self, stage):
+        """None if this run has nothing left to do for ``stage``; else (the ``last`` checkpoint to
+        continue or None, the run id its records are written with)."""
         final, last = self.ckpt(stage, "final"), self.ckpt(stage, "last")
         resumed = read_checkpoint(last, "last") if self.resume and last.is_file() else None
-        done_run = read_checkpoint(final, "final", mmap=True).get("run", "") if self.resume and final.is_file() else None
+        done_run = None
+        if self.resume and final.is_file():
+            done_run = read_checkpoint(final, "final", mmap=True).get("run", "")
         if stage in self.redo:
             # retrained by the fresh run that --resume continues: done only when its own final exists
             if done_run == self.run_id:
-                self.out(f"[{stage}] already finished ({final}); skipping")
-                return
+                return None
             if resumed is not None and resumed.get("run") != self.run_id:
                 resumed = None  # the `last` of an earlier run: start this stage over
         elif done_run is not None and (resumed is None or resumed.get("run", "") == done_run):
-            self.out(f"[{stage}] already finished ({final}); skipping")
-            return
+            return None
         # else: `last` is a later run of this stage, killed before replacing its final: continue it
-        run_id = (resumed or {}).get("run") or self.run_id  # the id this stage's records are written with
+        return resumed, (resumed or {}).get("run") or self.run_id
+
+    def _setup(self, stage, run_id) -> "_StageRun":
+        """The networks, the MF module, the optimizer and the grad scaler of a stage at iteration 0."""
+        cfg, dev, dist = self.cfg, self.dist.device, self.dist
+        sec = cfg["teacher"] if stage == "teacher" else cfg["student"]
+        tcfg = cfg["train"]
+        weights = stage_weights(cfg, stage)
         teacher = self.teacher_model() if stage == "student" and any(
             k in weights for k in ("kd", "pa", "pf", "mf")) else None
-
-        ds = self.train_ds
-        bs = tcfg["batch_size"]
-        total_iters = iters_for(sec, len(ds), bs * dist.world)
+        total_iters = iters_for(sec, len(self.train_ds), tcfg["batch_size"] * dist.world)
         # The baseline draws from the student's streams: the same initial weights, batches and
         # augmentation, so baseline vs student differ only in the loss terms (a paired comparison).
         rng_id = STAGE_ID["student" if stage == "baseline" else stage]
@@ -423,139 +448,123 @@ class Trainer:
             groups.append({"params": list(mf.parameters()), "lr_mult": cfg["student"]["mf"]["lr_mult"]})
         opt = torch.optim.SGD(groups, lr=sec["lr"], momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
         scaler = torch.amp.GradScaler(dev.type, enabled=tcfg["amp"] == "fp16" and dev.type == "cuda")
+        return _StageRun(stage=stage, run_id=run_id, lr=sec["lr"], weights=weights, loss_options=loss_options(cfg),
+                         teacher=teacher, model=model, net=model, mf=mf, opt=opt, scaler=scaler, rng_id=rng_id,
+                         total_iters=total_iters, last=self.ckpt(stage, "last"), final=self.ckpt(stage, "final"),
+                         whole=needs_triplet(cfg, stage, weights))
 
-        start = 0
-        if resumed is not None:
-            st = resumed
-            _load_weights(model, st["model"], last)
-            opt.load_state_dict(st["optimizer"])
-            if mf is not None and st.get("mf") is not None:
-                mf.load_state_dict(st["mf"])
-            if st.get("scaler"):
-                scaler.load_state_dict(st["scaler"])
-            set_rng_states(st["rng"])
-            start = st["iteration"]
-            self.out(f"[{stage}] resuming at iteration {start}/{total_iters}")
+    def _resume(self, run: "_StageRun", st: dict):
+        """Continue from a ``last`` checkpoint: weights, optimizer, MF, scaler, RNG states, iteration."""
+        _load_weights(run.model, st["model"], run.last)
+        run.opt.load_state_dict(st["optimizer"])
+        if run.mf is not None and st.get("mf") is not None:
+            run.mf.load_state_dict(st["mf"])
+        if st.get("scaler"):
+            run.scaler.load_state_dict(st["scaler"])
+        set_rng_states(st["rng"])
+        run.it = st["iteration"]
+        self.out(f"[{run.stage}] resuming at iteration {run.it}/{run.total_iters}")
 
-        if tcfg["sync_bn"] and dist.enabled:
+    def _parallelise(self, run: "_StageRun"):
+        """SyncBatchNorm (CUDA) and the DDP wrapper, when there are several processes."""
+        dev, dist = self.dist.device, self.dist
+        if self.cfg["train"]["sync_bn"] and dist.enabled:
             if dev.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                run.model = run.net = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
             else:
                 self.out("warning: train.sync_bn needs CUDA; using per-process BatchNorm")
-        net = model
         if dist.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                find_unused_parameters="aux" not in weights)
-        temporal = any(k in weights for k in ("tl", "pf", "mf"))
-        # All three frames through the network (BatchNorm then sees 3x the images) when a temporal
-        # term needs them, or always with student.forward_triplet=always, which gives every scheme
-        # the same BatchNorm statistics (the ablation compares loss terms, not batch sizes).
-        whole = temporal or (stage != "teacher" and cfg["student"]["forward_triplet"] == "always")
+            run.net = nn.parallel.DistributedDataParallel(
+                run.model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters="aux" not in run.weights)
 
-        batches = IterationBatches(len(ds), bs, dist.world, dist.rank, cfg["seed"], rng_id, start,
-                                   total_iters)
-        loader = DataLoader(_SeededItems(ds), batch_sampler=batches, num_workers=cfg["data"]["num_workers"],
-                            collate_fn=default_collate)
-        bar = None
-        if dist.is_main and tcfg["progress"]:
+    def _loader(self, run: "_StageRun"):
+        """The batches of iterations [run.it, total) (see IterationBatches), and the progress bar."""
+        cfg, dist = self.cfg, self.dist
+        batches = IterationBatches(len(self.train_ds), cfg["train"]["batch_size"], dist.world, dist.rank, cfg["seed"],
+                                   run.rng_id, run.it, run.total_iters)
+        if dist.is_main and cfg["train"]["progress"]:
             from tqdm import tqdm
-            bar = tqdm(total=total_iters, initial=start, desc=stage, dynamic_ncols=True, leave=False)
-        lc = cfg["loss"]
+            run.bar = tqdm(total=run.total_iters, initial=run.it, desc=run.stage, dynamic_ncols=True, leave=False)
+        run.t0 = time.time()
+        run.model.train()
+        return DataLoader(_SeededItems(self.train_ds), batch_sampler=batches, num_workers=cfg["data"]["num_workers"],
+                          collate_fn=default_collate)
 
-        def state():
-            return {"stage": stage, "iteration": it, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "mf": None if mf is None else mf.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng_states(), "config": cfg, "run": run_id}
+    def _iteration(self, run: "_StageRun", batch):
+        """One optimizer step on one batch, then its loss values (checked finite) to the log."""
+        cfg, dev, dist = self.cfg, self.dist.device, self.dist
+        tcfg = cfg["train"]
+        # dropout etc. of this iteration: a function of (seed, stage, iteration, rank) only
+        torch.manual_seed(seed_for(cfg["seed"], run.rng_id, run.it, dist.rank, 7))
+        lr_scale = (1 - run.it / run.total_iters) ** tcfg["poly_power"]
+        for g in run.opt.param_groups:
+            g["lr"] = run.lr * g["lr_mult"] * lr_scale
+        frames = batch["frames"].to(dev, non_blocking=True)
+        label = batch["label"].to(dev)
+        flow = batch["flow"].to(dev) if "flow" in batch else None
+        if flow is None and any(k in run.weights for k in ("tl", "pf", "mf")):
+            raise ConfigError("temporal terms need flow: set data.flow (dis, raft_*) for data without GT flow")
+        inp = frames.flatten(0, 1) if run.whole else frames[:, 1]
+        with _autocast(cfg, dev):
+            s_out = run.net(inp)
+            t_out = None
+            if run.teacher is not None:
+                with torch.no_grad():
+                    t_out = run.teacher(inp)
+            total, terms = compute_losses(run.weights, frames, label, flow, s_out, t_out, run.mf, **run.loss_options)
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(total).backward()
+        if run.mf is not None:
+            dist.average_grads(run.mf.parameters())
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        if run.mf is not None:
+            run.mf.clip_()  # keep the ConvLSTM weights in range (sec. 3.3), after every step
+        run.it += 1
+        self.iters_this_run += 1
+        vals = {k: float(v.detach()) for k, v in terms.items()}
+        vals["total"] = float(total.detach())
+        run.vals = vals
+        if not math.isfinite(vals["total"]):
+            bad = ", ".join(f"{k} {v}" for k, v in vals.items() if not math.isfinite(v))
+            raise ConfigError(f"[{run.stage}] non-finite loss at iteration {run.it} ({bad}): lower "
+                              f"{'teacher' if run.stage == 'teacher' else 'student'}.lr or the loss weights "
+                              f"(finished checkpoints of earlier runs are kept)")
+        if run.bar is not None:
+            run.bar.update(1)
+            run.bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()}, refresh=False)
+        if run.it % tcfg["log_every"] == 0 or run.it == run.total_iters:
+            self.log.write({"stage": run.stage, "iter": run.it, "lr": run.opt.param_groups[0]["lr"], **vals,
+                            "time": round(time.time() - run.t0, 3), "run": run.run_id})
+            if self.tb is not None:
+                for k, v in vals.items():
+                    self.tb.add_scalar(f"{run.stage}/{k}", v, run.it)
 
-        vals = {}
-        t0 = time.time()
-        it = start
-        model.train()
-        for batch in loader:
-            # dropout etc. of this iteration: a function of (seed, stage, iteration, rank) only
-            torch.manual_seed(seed_for(cfg["seed"], rng_id, it, dist.rank, 7))
-            lr_scale = (1 - it / total_iters) ** tcfg["poly_power"]
-            for g in opt.param_groups:
-                g["lr"] = sec["lr"] * g["lr_mult"] * lr_scale
-            frames = batch["frames"].to(dev, non_blocking=True)
-            label = batch["label"].to(dev)
-            flow = batch["flow"].to(dev) if "flow" in batch else None
-            if temporal and flow is None:
-                raise ConfigError("temporal terms need flow: set data.flow (dis, raft_*) for data without GT flow")
-            inp = frames.flatten(0, 1) if whole else frames[:, 1]
-            with _autocast(cfg, dev):
-                s_out = net(inp)
-                t_out = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(inp)
-                total, terms = compute_losses(weights, frames, label, flow, s_out, t_out, mf,
-                                              kd_temperature=cfg["student"]["kd_temperature"],
-                                              pa_pool=cfg["student"]["pa_pool"], pf_pool=cfg["student"]["pf_pool"],
-                                              tl_on=lc["tl_on"], tl_mask_power=lc["tl_mask_power"],
-                                              backend=lc["backend"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if mf is not None:
-                dist.average_grads(mf.parameters())
-            scaler.step(opt)
-            scaler.update()
-            if mf is not None:
-                mf.clip_()  # keep the ConvLSTM weights in range (sec. 3.3), after every step
-            it += 1
-            self.iters_this_run += 1
-            vals = {k: float(v.detach()) for k, v in terms.items()}
-            vals["total"] = float(total.detach())
-            if not math.isfinite(vals["total"]):
-                bad = ", ".join(f"{k} {v}" for k, v in vals.items() if not math.isfinite(v))
-                raise ConfigError(f"[{stage}] non-finite loss at iteration {it} ({bad}): lower "
-                                  f"{'teacher' if stage == 'teacher' else 'student'}.lr or the loss weights "
-                                  f"(finished checkpoints of earlier runs are kept)")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()}, refresh=False)
-            if it % tcfg["log_every"] == 0 or it == total_iters:
-                rec = {"stage": stage, "iter": it, "lr": opt.param_groups[0]["lr"], **vals,
-                       "time": round(time.time() - t0, 3), "run": run_id}
-                self.log.write(rec)
-                if self.tb is not None:
-                    for k, v in vals.items():
-                        self.tb.add_scalar(f"{stage}/{k}", v, it)
-            stop = tcfg["max_iters_this_run"] is not None and self.iters_this_run >= tcfg["max_iters_this_run"]
-            if dist.is_main and it < total_iters and (it % tcfg["ckpt_every"] == 0 or stop):
-                atomic_save(state(), last)
-            if stop and it < total_iters:
-                dist.barrier()
-                if bar is not None:
-                    bar.close()
-                raise Stopped(f"[{stage}] stopped at iteration {it}/{total_iters} (max_iters_this_run); "
-                              f"continue with --resume")
-        if bar is not None:
-            bar.close()
+    def _finish(self, run: "_StageRun", legacy_log: bool):
+        """The stage's last and final checkpoints (the final replaces an old one only now), per-rank
+        finals, and the files and log records of the runs it replaces dropped."""
+        dist = self.dist
         if dist.enabled:
             # DDP keeps parameters in sync but BN running stats only at each forward's start
             # (broadcast_buffers): make rank 0's the final ones everywhere.
-            for b in model.buffers():
+            for b in run.model.buffers():
                 torch.distributed.broadcast(b, 0)
         if dist.is_main:
-            atomic_save(state(), last)
-            atomic_save({"stage": stage, "iteration": it, "model": model.state_dict(), "config": cfg, "run": run_id},
-                        final)  # the switch: the old final (if any) is replaced only now
-        ranks = tcfg["rank_checkpoints"] and dist.enabled
+            atomic_save(run.checkpoint(self.cfg), run.last)
+            atomic_save({"stage": run.stage, "iteration": run.it, "model": run.model.state_dict(), "config": self.cfg,
+                         "run": run.run_id}, run.final)  # the switch: the old final (if any) is replaced only now
+        ranks = self.cfg["train"]["rank_checkpoints"] and dist.enabled
         if ranks:
-            atomic_save({"model": model.state_dict(), "mf": None if mf is None else mf.state_dict()},
-                        self.ckpt(stage, f"final_rank{dist.rank}"))
+            atomic_save({"model": run.model.state_dict(), "mf": None if run.mf is None else run.mf.state_dict()},
+                        self.ckpt(run.stage, f"final_rank{dist.rank}"))
         dist.barrier()
         if dist.is_main:
-            keep = {last.name, final.name} | ({f"{stage}_final_rank{r}.pt" for r in range(dist.world)} if ranks else set())
-            self._drop_replaced(stage, run_id, keep, legacy_log=resumed is not None and "run" not in resumed)
-        self.out(f"[{stage}] done: {total_iters} iterations, " +
-                 ", ".join(f"{k} {v:.4f}" for k, v in vals.items()) + f" ({time.time() - t0:.1f} s)")
-        stop = tcfg["max_iters_this_run"] is not None and self.iters_this_run >= tcfg["max_iters_this_run"]
-        if stop:
-            raise Stopped(f"[{stage}] finished; stopped (max_iters_this_run); continue with --resume")
-
+            keep = {run.last.name, run.final.name} | (
+                {f"{run.stage}_final_rank{r}.pt" for r in range(dist.world)} if ranks else set())
+            self._drop_replaced(run.stage, run.run_id, keep, legacy_log=legacy_log)
+        self.out(f"[{run.stage}] done: {run.total_iters} iterations, " +
+                 ", ".join(f"{k} {v:.4f}" for k, v in run.vals.items()) + f" ({time.time() - run.t0:.1f} s)")
 
     def _drop_replaced(self, stage, run_id, keep, legacy_log):
         """After a stage's new final exists: drop the stage's files of earlier runs (old per-rank
@@ -582,10 +591,12 @@ class Trainer:
 # ------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
-def predict(model, frames, size, chunk=8):
+def predict(model, frames, size, batch_size=8):
+    """Class ids (T, H, W) of frames (T, 3, H, W), ``batch_size`` frames per forward pass (in eval
+    mode each frame's prediction is its own: the batch size only bounds memory)."""
     out = []
-    for i in range(0, frames.shape[0], chunk):
-        logits = model(frames[i:i + chunk])["logits"]
+    for i in range(0, frames.shape[0], batch_size):
+        logits = model(frames[i:i + batch_size])["logits"]
         out.append(models.upsample_logits(logits, size).argmax(1))
     return torch.cat(out)
 
@@ -623,7 +634,7 @@ def evaluate(cfg, model, dist, val_ds):
         clip = val_ds[i]
         frames = clip["frames"].to(dev)
         size = frames.shape[-2:]
-        pred = predict(model, frames, size)
+        pred = predict(model, frames, size, cfg["eval"]["batch_size"])
         lab = clip["labelled"].to(dev)
         if lab.any():
             seg.update(pred[lab], clip["labels"].to(dev)[lab])

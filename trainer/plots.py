@@ -6,16 +6,25 @@ from pathlib import Path
 from .utils import read_jsonl
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
+def save(fig, out: Path, dpi: int = 100) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    pyplot().close(fig)
+    return out
+
+
 def loss_curves(log_path: Path, out: Path) -> Path:
     """One panel per stage, one line per loss term (unweighted values) and the weighted total."""
-    plt = _plt()
+    plt = pyplot()
     recs = read_jsonl(log_path)
     stages = [s for s in ("teacher", "baseline", "student") if any(r["stage"] == s for r in recs)]
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.6), squeeze=False)
@@ -30,16 +39,12 @@ def loss_curves(log_path: Path, out: Path) -> Path:
         ax.set_title(stage)
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def miou_vs_tc(metrics: dict, out: Path) -> Path:
     """Accuracy against temporal consistency per model, as in the paper's Fig. 5."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    fig, ax = pyplot().subplots(figsize=(4.8, 3.8))
     for name, m in metrics.items():
         if isinstance(m, dict) and "miou" in m:
             ax.scatter(m["tc"], m["miou"], s=40)
@@ -47,7 +52,4 @@ def miou_vs_tc(metrics: dict, out: Path) -> Path:
     ax.set_xlabel("TC (%)")
     ax.set_ylabel("mIoU (%)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)

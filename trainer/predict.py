@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import pickle
 import statistics
 import sys
 import time
@@ -29,9 +28,9 @@ import torch
 import models
 import videodata
 
-from .cli import error
-from .config import ConfigError
 from .engine import build_model
+from .errors import ConfigError, error, one_line
+from .utils import read_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp")
 FOLDER_FPS = 15.0  # frame rate of side_by_side.mp4 for a folder of frames
@@ -83,33 +82,20 @@ def palette(num_classes: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ models
 
-def _first_line(exc: BaseException) -> str:
-    """An exception's message, one line (errors are reported on one line)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def load_trained(path: Path):
     """A ``<stage>_final.pt`` of train.py -> (network in eval mode on the CPU, its config, the
     checkpoint dict). The network is rebuilt from the config stored in the checkpoint, reading
     nothing else from disk; any problem is a one-line ``ConfigError`` naming the file."""
     path = Path(path)
-    if path.stat().st_size == 0:
-        raise ConfigError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except pickle.UnpicklingError:  # the weights-only unpickler met other objects
+    ckpt = read_checkpoint(path, "final", hint="")
+    if "optimizer" in ckpt:
         final = path.with_name(path.name[:-len("_last.pt")] + "_final.pt") if path.name.endswith("_last.pt") else None
-        if final is not None:
-            raise ConfigError(f"{path} is a resume checkpoint of train.py (optimizer and RNG state); --stage predict "
-                              f"takes the weights of a finished stage: {final}"
-                              + ("" if final.is_file() else " (not written yet: finish the run with --resume)")) from None
-        raise ConfigError(f"cannot read checkpoint {path}: it holds objects other than tensors and plain data "
-                          f"(not a <stage>_final.pt of train.py)") from None
-    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated ...
-        raise ConfigError(f"cannot read checkpoint {path} (truncated or not a PyTorch file): "
-                          f"{_first_line(exc).split('. ')[0]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ConfigError(f"{path} is not a <stage>_final.pt checkpoint of train.py (no 'model' and 'config' keys)")
+        raise ConfigError(f"{path} is a resume checkpoint of train.py (optimizer and RNG state); --stage predict "
+                          f"takes the weights of a finished stage"
+                          + ("" if final is None else f": {final}" + (
+                              "" if final.is_file() else " (not written yet: finish the run with --resume)")))
+    if "config" not in ckpt:
+        raise ConfigError(f"{path} is not a <stage>_final.pt checkpoint of train.py (no 'config')")
     stage = str(ckpt.get("stage") or path.stem.split("_")[0])
     role = "teacher" if stage == "teacher" else "student"
     cfg = copy.deepcopy(ckpt["config"])
@@ -123,8 +109,7 @@ def load_trained(path: Path):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ConfigError(f"{path}: the weights do not fit the network of its config "
-                          f"({_first_line(exc)})") from None
+        raise ConfigError(f"{path}: the weights do not fit the network of its config ({one_line(exc)})") from None
     return model.eval(), cfg, ckpt
 
 

@@ -1,4 +1,4 @@
-"""Small helpers: distributed setup, seeding, atomic checkpoints, JSONL logging."""
+"""Small helpers: distributed setup, seeding, checkpoints (atomic writes, the one reader), JSONL logging."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import ConfigError, one_line
 
 
 def seed_for(*parts) -> int:
@@ -28,10 +30,8 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
         if use_cuda and not torch.cuda.is_available():
-            from .config import ConfigError
             raise ConfigError("device=cuda but no CUDA GPU is available here (use device=cpu or device=auto)")
         if use_cuda and self.local_rank >= torch.cuda.device_count():
-            from .config import ConfigError
             raise ConfigError(f"LOCAL_RANK {self.local_rank} but only {torch.cuda.device_count()} CUDA GPU(s) here")
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
@@ -65,18 +65,66 @@ class Dist:
 
 
 def rng_states() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states of torch, numpy and Python as tensors, numbers and strings: what a checkpoint
+    loaded with ``weights_only=True`` may hold."""
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": {"name": np_name, "key": torch.from_numpy(np_key.astype(np.int64)), "pos": int(np_pos),
+                    "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+          "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_states(st: dict) -> None:
+    """Restore :func:`rng_states`; also the tuples of checkpoints written before it (numpy's state
+    with its array, Python's as ``random.getstate()`` returns it)."""
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    n = st["numpy"]
+    if isinstance(n, dict):
+        n = (n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
+    p = st["python"]
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["state"].tolist()), p["gauss"])
+    random.setstate(p)
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# Checkpoints of train.py before their RNG states were tensors hold numpy's as an array: the
+# numpy globals its unpickling needs (an array of plain numbers; nothing else is allowed).
+_OLD_CHECKPOINT_GLOBALS = [np.dtype, np.ndarray, np.dtypes.UInt32DType,
+                           (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct]
+_NEEDS = {"last": ("model", "iteration", "optimizer", "rng"), "final": ("model",)}
+
+
+def read_checkpoint(path: Path, kind: str, mmap: bool = False, hint: str = "delete it to train that stage again"):
+    """A ``<stage>_<kind>.pt`` of train.py (kind: last | final), read with ``weights_only=True``
+    (tensors and plain data: resume, eval and predict all read checkpoints through here), or a
+    ConfigError saying why not: empty or truncated (a killed copy), not a torch file, not a
+    train.py checkpoint. ``hint``: what the user can do about an unreadable file."""
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    if size == 0:
+        raise ConfigError(f"checkpoint {path} is empty (0 bytes){tail}")
+    try:
+        with torch.serialization.safe_globals(_OLD_CHECKPOINT_GLOBALS):
+            st = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - truncated, not a zip, other objects pickled ...
+        raise ConfigError(f"checkpoint {path} is truncated or not a PyTorch file of tensors and plain data "
+                          f"({one_line(exc)}){tail}") from None
+    missing = [k for k in _NEEDS[kind] if not isinstance(st, dict) or k not in st]
+    if missing or not isinstance(st["model"], dict):
+        raise ConfigError(f"{path} is not a <stage>_{kind}.pt checkpoint of train.py "
+                          f"(no {' or '.join(repr(k) for k in missing or ['model'])})")
+    return st
 
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")  # .<name>.tmp<pid>: atomic_save's temp files
