@@ -530,6 +530,29 @@ def test_pixelwise_kd_large_finite_logits(tau):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tau", [1.0, 0.25, 0.5])
+def test_pixelwise_kd_logit_gap_beyond_float32(tau):
+    """Student logits of +3e38 and -3e38 at one pixel: the gap z - max (-6e38) and the
+    log-probability difference overflowed float32 (the loss was inf), though tau^2 KL (~1.8e38
+    tau for a teacher mass of 0.3 on the -3e38 class) is finite; it is the float64 value on the
+    same inputs, with a finite gradient."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(1, 3, 4, generator=g)
+    t = torch.randn(1, 3, 4, generator=g)
+    s[0, 0, :2] = 3.05e38
+    s[0, 2, :2] = -3.05e38
+    s.requires_grad_()
+    got = tcloss.pixelwise_kd(s, t, temperature=tau)
+    (gs,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_()
+    want = _kd64(s64, t.double(), tau)
+    (gw,) = torch.autograd.grad(want, s64)
+    assert want.item() < 3e38 and torch.isfinite(got), (got, want)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(gs).all()
+    torch.testing.assert_close(gs.double(), gw, atol=1e-5, rtol=1e-4)
+
+
 def test_pixelwise_kd_options_and_empty_batch():
     s = torch.randn(2, 3, 4)
     for kw, exc, msg in ((dict(temperature=float("inf")), ValueError, "temperature must be finite"),
