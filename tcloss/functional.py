@@ -233,6 +233,12 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
     if name == "reference":
         raise ValueError("algorithm='blocked' needs a kernel backend (cpp, cuda or triton); the reference backend "
                          "implements 'naive' and 'gram'")
+    if student_b is None and sa.dtype not in (torch.float32, torch.float64):
+        # self-similarity: autograd adds the op's d student_a and d student_b; in float16 each
+        # may round to an inf of its own sign (inf - inf = NaN) where their sum does not: pass
+        # float32, so that the sum is rounded to the input dtype once
+        sa, ta, tb = sa.float(), ta.float(), tb.float()
+        sb = sa
     return _pw.fwd_op(name)(sa, ta.detach(), sb, tb.detach(), _pw.LOSS[loss], float(temperature), float(eps),
                             detach_norm)[0]
 

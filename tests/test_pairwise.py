@@ -191,6 +191,23 @@ def test_blocked_low_precision(backend, device, dtype, loss):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_blocked_self_similarity_float16_gradient_beyond_range(backend, device, loss):
+    """Self-similarity in float16 with a zero feature vector (gradient ~g/eps = -1.2e6 there, kl):
+    the kernels return d student_a of the row and of the column side, and autograd added them
+    in float16, each already rounded to an inf of its own sign: NaN. The sum is rounded once:
+    -inf where the float64 gradient is beyond the float16 range, the float64 value elsewhere."""
+    sa = torch.tensor([[[0.0, -0.5869]]], dtype=torch.float16, device=device, requires_grad=True)
+    ta = torch.tensor([[[1.3223, 0.5337], [0.1234, 1.2422]]], dtype=torch.float16, device=device)
+    got = tcloss.pairwise_similarity_loss(sa, ta, loss=loss, algorithm="blocked", backend=backend)
+    (g,) = torch.autograd.grad(got, sa)
+    s64 = sa.detach().cpu().double().requires_grad_()
+    (want,) = torch.autograd.grad(R.pairwise_similarity_loss(s64, ta.cpu().double(), loss=loss), s64)
+    assert not torch.isnan(g).any(), g
+    torch.testing.assert_close(g.cpu().double(), want.to(torch.float16).double(), atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
 def test_blocked_edge_shapes(backend, device):
     """N = 1, C = 1, a zero feature vector (finite thanks to eps), non-contiguous inputs."""
     for loss in ("mse", "kl"):
