@@ -208,13 +208,14 @@ def finite_absmax(*ts):
     return m
 
 
-def check_grad(got, want, dtype_tol, what, mask=None):
-    """Gradients: atol scaled by the largest reference gradient (as tests/test_pairwise.py)."""
+def check_grad(got, want, dtype_tol, what, mask=None, scale=None):
+    """Gradients: atol scaled by the largest reference gradient (as tests/test_pairwise.py), or
+    by ``scale`` when the caller knows the magnitude the rounding is relative to."""
     if want is None:
         want = torch.zeros(got.shape, dtype=torch.float64)
     assert got is not None, f"{what}: no gradient"
     atol, rtol = dtype_tol
-    scale = finite_absmax(want)
+    scale = finite_absmax(want) if scale is None else scale
     g, w = got.detach().double(), want.detach().double()
     if mask is not None:
         g, w = g[mask], w[mask]
@@ -527,17 +528,44 @@ def _prop_pairwise(data, backend, tiny=False):
 
     o_sa = sa0.to(cdt).double().requires_grad_()
     o_sb = None if sb0 is None else sb0.to(cdt).double().requires_grad_()
-    want = R.pairwise_similarity_loss(o_sa, ta0.to(cdt).double(), o_sb, None if tb0 is None else tb0.to(cdt).double(),
-                                      **kw)
+    o_t = (ta0.to(cdt).double(), None if tb0 is None else tb0.to(cdt).double())
+    want = R.pairwise_similarity_loss(o_sa, o_t[0], o_sb, o_t[1], **kw)
     atol, rtol = tol(acc)
     check_close(got, want, atol, rtol, f"loss ({backend}, {algorithm})")
     ins = [sa] + ([sb] if sb is not None else [])
-    oins = [o_sa] + ([o_sb] if o_sb is not None else [])
     grads = torch.autograd.grad(got, ins, allow_unused=True)
-    rgrads = torch.autograd.grad(want, oins, allow_unused=True)
-    for name, g, rg, x in zip(("student_a", "student_b"), grads, rgrads, ins):
+    check_pairwise_grads(grads, ins, o_sa, o_sb, o_t, kw, acc, f"{backend}, {algorithm}")
+
+
+def check_pairwise_grads(grads, ins, o_sa, o_sb, o_t, kw, acc, label):
+    """The students' gradients against the float64 reference on (o_sa, o_t[0], o_sb, o_t[1]).
+
+    d x of x / |x| is (g - u <u, g>) / |x|: where a row is (nearly) parallel to g the result
+    cancels (with C = 1 it is exactly 0) but its rounding, eps |g| / |x|, does not, and for
+    subnormal float16 rows 1 / |x| is ~1e7. The tolerance scales with the larger of the
+    reference gradient and the gradient with the norm held constant (detach_norm=True: g / |x|)."""
+    oins = [o_sa] + ([o_sb] if o_sb is not None else [])
+    rgrads = torch.autograd.grad(R.pairwise_similarity_loss(o_sa, o_t[0], o_sb, o_t[1], **kw), oins, allow_unused=True)
+    flat = torch.autograd.grad(R.pairwise_similarity_loss(o_sa, o_t[0], o_sb, o_t[1], **dict(kw, detach_norm=True)),
+                               oins, allow_unused=True)
+    for name, g, rg, fg, x in zip(("student_a", "student_b"), grads, rgrads, flat, ins):
         assert g is not None and g.shape == x.shape and g.dtype == x.dtype, name
-        check_grad(g, rg, tol(x.dtype, acc), f"grad {name} ({backend}, {algorithm})")
+        check_grad(g, rg, tol(x.dtype, acc), f"grad {name} ({label})", scale=finite_absmax(rg, fg))
+
+
+def test_pairwise_grad_tolerance_one_channel_tiny_rows():
+    """The case the long profile found (reference, naive): one channel, subnormal float16 student
+    rows. Every exact gradient is 0 (x / |x| is the sign); float32 leaves 2^-6, eps / |x| of the
+    natural scale, which a tolerance relative to the largest reference gradient (0) rejected."""
+    sa0 = values((1, 1, 3), torch.float16, "tiny", 1)
+    ta0 = values((1, 1, 3), torch.float16, "normal", 2)
+    kw = dict(loss="mse", temperature=1.0, eps=1e-8, detach_norm=False)
+    sa = sa0.clone().requires_grad_()
+    grads = torch.autograd.grad(tcloss.pairwise_similarity_loss(sa, ta0, algorithm="naive", backend="reference", **kw),
+                                [sa])
+    assert grads[0].abs().max() > 0  # the rounding this is about
+    check_pairwise_grads(grads, [sa], sa0.double().requires_grad_(), None, (ta0.double(), None), kw, torch.float32,
+                         "reference, naive")
 
 
 @pytest.mark.parametrize("backend", cpu_backends("pairwise_similarity_loss"))
