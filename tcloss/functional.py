@@ -247,6 +247,12 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
         self_sim = student_b is None and teacher_b is None
         return _pw.fwd_op(name)(sa, ta.detach(), None if self_sim else sb, None if self_sim else tb.detach(), *args,
                                 precision)[0]
+    if student_b is None and sa.dtype not in (torch.float32, torch.float64):
+        # self-similarity: autograd adds the op's d student_a and d student_b; in float16 each
+        # may round to an inf of its own sign (inf - inf = NaN) where their sum does not: pass
+        # float32, so that the sum is rounded to the input dtype once
+        sa, ta, tb = sa.float(), ta.float(), tb.float()
+        sb = sa
     return _pw.fwd_op(name)(sa, ta.detach(), sb, tb.detach(), *args)[0]
 
 
@@ -259,9 +265,9 @@ def pixelwise_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     ``-inf`` (or whose probability underflows to 0, e.g. logits of +-3e38) contributes nothing,
     and the result stays finite. Large finite logits stay finite too: the log-probabilities are
     formed times tau from logits centred on their maximum (``z / tau`` never overflows where the
-    result does not), and the mean over pixels is taken in float64. A per-pixel ``tau^2 KL``
-    beyond the float32 range is inf. A batch of no pixels gives NaN (the mean of nothing, as
-    ``torch.mean``).
+    result does not; taken at half scale, so a logit gap of 3e38 - (-3e38) does not either), and
+    the mean over pixels is taken in float64. A per-pixel ``tau^2 KL`` beyond the float32 range
+    is inf. A batch of no pixels gives NaN (the mean of nothing, as ``torch.mean``).
     """
     _check_tensor("student_logits", student_logits)
     _check_tensor("teacher_logits", teacher_logits)
@@ -279,22 +285,24 @@ def pixelwise_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     tau = float(temperature)
     acc = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
 
-    def scaled_log_probs(z):
-        # u = tau * log_softmax(z / tau), formed as (z - max) - tau * lse((z - max) / tau): every
-        # term is bounded by the logit gap (lse is in [0, log C]), so neither z / tau nor the
-        # log-probabilities overflow where tau^2 KL itself is finite
-        z = z.to(acc)
-        z = z - z.detach().amax(1, keepdim=True)  # softmax is shift-invariant: a constant
-        return z - tau * torch.logsumexp(z / tau, dim=1, keepdim=True)
+    def half_scaled_log_probs(z):
+        # u / 2 with u = tau * log_softmax(z / tau), formed as h - (tau / 2) lse(h / (tau / 2)),
+        # h = z / 2 - max / 2 = (z - max) / 2: every term is bounded by half the logit gap (lse is
+        # in [0, log C]), so nothing overflows where tau^2 KL itself is finite, not even z - max
+        # (a gap of 3e38 - (-3e38)) or u_t - u_s; halving is exact, so ordinary logits give the
+        # bits of the unhalved formula
+        z = z.to(acc) / 2
+        h = z - z.detach().amax(1, keepdim=True)  # softmax is shift-invariant: a constant
+        return h - (tau / 2) * torch.logsumexp(h / (tau / 2), dim=1, keepdim=True)
 
-    u_s = scaled_log_probs(student_logits)
-    u_t = scaled_log_probs(teacher_logits)
-    p = torch.exp(u_t / tau)
-    # tau^2 KL = tau sum_c p_c (u_t - u_s); 0 log 0 = 0: where p = 0 the term is 0 (not
-    # 0 * (-inf) = NaN), and so is its gradient
+    u_s = half_scaled_log_probs(student_logits)
+    u_t = half_scaled_log_probs(teacher_logits)
+    p = torch.exp(u_t / (tau / 2))
+    # tau^2 KL = 2 tau sum_c p_c (u_t - u_s) (halves); 0 log 0 = 0: where p = 0 the term is 0
+    # (not 0 * (-inf) = NaN), and so is its gradient
     kl = torch.where(p > 0, p * (u_t - u_s), torch.zeros((), dtype=acc, device=p.device)).sum(1)
     # the mean over pixels in float64: a sum of large per-pixel KLs cannot overflow
-    return (kl.to(torch.float64).mean() * tau).to(acc)
+    return (kl.to(torch.float64).mean() * (2 * tau)).to(acc)
 
 
 def _check_peephole(peephole, Hd: int, H: int, W: int, device: torch.device) -> tuple:

@@ -246,6 +246,8 @@ class TemporalConsistency(_ConfusionAccumulator):
     def __init__(self, num_classes: int, ignore_index: int = 255, exclude_out_of_frame: bool = True,
                  exclude_occluded: bool = True, average: str = "present"):
         super().__init__(num_classes, ignore_index)
+        if not isinstance(average, str):  # the convention of tcloss._checks.check_choice
+            raise TypeError(f"average must be 'present' or 'all' (a string), got {type(average).__name__} {average!r}")
         if average not in ("present", "all"):
             raise ValueError(f"average must be 'present' or 'all', got {average!r}")
         self.exclude_out_of_frame = _check_bool("exclude_out_of_frame", exclude_out_of_frame)

@@ -266,12 +266,16 @@ def convlstm_cell(gates: torch.Tensor, c: torch.Tensor, peephole=None):
     c = c.to(acc)
     if peephole is None:
         i = torch.sigmoid(a_i)
-        f = torch.sigmoid(a_f)
+        z_f = a_f
     else:
         w_i, w_f, w_o = (w.to(acc) for w in peephole)
         i = torch.sigmoid(a_i + w_i * c)
-        f = torch.sigmoid(a_f + w_f * c)
-    c_new = f * c + i * torch.tanh(a_g)
+        z_f = a_f + w_f * c
+    # f*c through float64: autograd forms d(f*c)/df = dC*c before the sigmoid's derivative scales
+    # it down, and in float32 that overflows for a cell state of ~1e38 (inf * 0 = NaN at a
+    # saturated f, where the gradient is 0). The kernels take c * f(1-f) first instead.
+    fc = (torch.sigmoid(z_f.double()) * c.double()).to(acc)
+    c_new = fc + i * torch.tanh(a_g)
     o = torch.sigmoid(a_o if peephole is None else a_o + w_o * c_new)
     h_new = o * torch.tanh(c_new)
     return h_new.to(dt), c_new.to(dt)

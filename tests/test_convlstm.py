@@ -241,6 +241,22 @@ def test_non_finite_propagates(backend, device, peep, dtype):
     assert_close(cn, rc, dtype, "c_new")
 
 
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference")] + KERNELS)
+@pytest.mark.parametrize("peep", [None, "channel"])
+def test_huge_cell_state_gradients_are_finite(backend, device, peep):
+    """A float32 cell state of +-3e38 with saturated forget gates (a_f = +-200, or w_f c huge):
+    d(f c)/df = dC c overflows float32 and the sigmoid's derivative there is 0, which was inf * 0 =
+    NaN in every gradient; they are the float64 reference's (0 through the saturated gate)."""
+    gates, c, p = make_inputs(1, 2, 3, 4, peep=peep, dtype=torch.float32, device=device, seed=12)
+    c[0, 0] = 3e38  # dC c overflows wherever |dC| > 1.2
+    c[0, 1, :2] = -3e38
+    gates[0, 2:4, 0] = 200.0  # a_f: f = 1
+    gates[0, 2:4, 1] = -200.0  # f = 0
+    outs, grads = run(backend, gates, c, p)
+    assert all(torch.isfinite(g).all() for g in grads), [torch.isfinite(g).all().item() for g in grads]
+    check_against_reference(backend, gates, c, p)
+
+
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_mixed_dtypes_and_autocast(backend, device):
     """fp16 gates (an autocast conv output) with a float32 state: computed and returned in float32."""

@@ -234,3 +234,10 @@ def test_integral_options_and_bool_flags():
     with pytest.raises(TypeError, match="exclude_out_of_frame must be a bool"):
         M.TemporalConsistency(3, exclude_out_of_frame=0)
     assert M.TemporalConsistency(3, exclude_occluded=np.bool_(False)).exclude_occluded is False
+    # average: a wrong type is a TypeError, a wrong string a ValueError (both name it)
+    for bad in (None, 1, True, ["all"], b"all"):
+        with pytest.raises(TypeError, match="average must be 'present' or 'all' \\(a string\\)"):
+            M.TemporalConsistency(3, average=bad)
+    with pytest.raises(ValueError, match="average must be 'present' or 'all', got 'mean'"):
+        M.TemporalConsistency(3, average="mean")
+    assert M.TemporalConsistency(3, average=np.str_("all")).average == "all"

@@ -236,6 +236,23 @@ def test_cpp_same_bits_for_any_thread_count(loss):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_blocked_self_similarity_float16_gradient_beyond_range(backend, device, loss):
+    """Self-similarity in float16 with a zero feature vector (gradient ~g/eps = -1.2e6 there, kl):
+    the kernels return d student_a of the row and of the column side, and autograd added them
+    in float16, each already rounded to an inf of its own sign: NaN. The sum is rounded once:
+    -inf where the float64 gradient is beyond the float16 range, the float64 value elsewhere."""
+    sa = torch.tensor([[[0.0, -0.5869]]], dtype=torch.float16, device=device, requires_grad=True)
+    ta = torch.tensor([[[1.3223, 0.5337], [0.1234, 1.2422]]], dtype=torch.float16, device=device)
+    got = tcloss.pairwise_similarity_loss(sa, ta, loss=loss, algorithm="blocked", backend=backend)
+    (g,) = torch.autograd.grad(got, sa)
+    s64 = sa.detach().cpu().double().requires_grad_()
+    (want,) = torch.autograd.grad(R.pairwise_similarity_loss(s64, ta.cpu().double(), loss=loss), s64)
+    assert not torch.isnan(g).any(), g
+    torch.testing.assert_close(g.cpu().double(), want.to(torch.float16).double(), atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
 def test_blocked_edge_shapes(backend, device):
     """N = 1, C = 1, a zero feature vector (finite thanks to eps), non-contiguous inputs."""
     for loss in ("mse", "kl"):
@@ -581,6 +598,29 @@ def test_pixelwise_kd_large_finite_logits(tau):
     want = _kd64(s2, t, tau)
     assert torch.isfinite(got)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.25, 0.5])
+def test_pixelwise_kd_logit_gap_beyond_float32(tau):
+    """Student logits of +3e38 and -3e38 at one pixel: the gap z - max (-6e38) and the
+    log-probability difference overflowed float32 (the loss was inf), though tau^2 KL (~1.8e38
+    tau for a teacher mass of 0.3 on the -3e38 class) is finite; it is the float64 value on the
+    same inputs, with a finite gradient."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(1, 3, 4, generator=g)
+    t = torch.randn(1, 3, 4, generator=g)
+    s[0, 0, :2] = 3.05e38
+    s[0, 2, :2] = -3.05e38
+    s.requires_grad_()
+    got = tcloss.pixelwise_kd(s, t, temperature=tau)
+    (gs,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_()
+    want = _kd64(s64, t.double(), tau)
+    (gw,) = torch.autograd.grad(want, s64)
+    assert want.item() < 3e38 and torch.isfinite(got), (got, want)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(gs).all()
+    torch.testing.assert_close(gs.double(), gw, atol=1e-5, rtol=1e-4)
 
 
 def test_pixelwise_kd_options_and_empty_batch():

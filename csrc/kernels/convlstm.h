@@ -13,7 +13,7 @@
 // With upstream gradients dh = dL/dh', dc' = dL/dc' (direct), t = tanh(c'):
 //   da_o = dh t o (1 - o)
 //   dC   = dc' + dh o (1 - t^2) + da_o w_o          total gradient reaching c'
-//   da_i = dC g i (1 - i)      da_f = dC c f (1 - f)      da_g = dC i (1 - g^2)
+//   da_i = dC g i (1 - i)      da_f = dC (c f (1 - f))    da_g = dC i (1 - g^2)
 //   dc   = dC f + da_i w_i + da_f w_f
 //   dw_i = sum_b da_i c        dw_f = sum_b da_f c        dw_o = sum_b da_o c'
 #pragma once
@@ -84,7 +84,9 @@ TCLOSS_CL_INLINE void convlstm_bwd_elem(acc_t ai, acc_t af, acc_t ag, acc_t ao, 
   acc_t dC = dcn + dh * E.o * (1 - E.t * E.t);
   if (PEEP) dC += dao * wo;
   const acc_t dai = dC * E.g * E.i * (1 - E.i);
-  const acc_t daf = dC * c * E.f * (1 - E.f);
+  // c times the sigmoid's derivative first (at most |c| / 4): dC * c alone overflows for a cell
+  // state of ~1e38, and inf * 0 (a saturated f) would be NaN where the gradient is 0
+  const acc_t daf = dC * (c * (E.f * (1 - E.f)));
   const acc_t dag = dC * E.i * (1 - E.g * E.g);
   da[0] = dai;
   da[1] = daf;

@@ -110,7 +110,7 @@ def _convlstm_bwd_kernel(gates_ptr, c_ptr, peep_ptr, dh_ptr, dcn_ptr, ggates_ptr
     """Recomputes i, f, g, o, c', t = tanh(c') from the pre-activations, then with dh = dL/dh',
     dc' = dL/dc' (absent = 0):
         da_o = dh t o(1-o);  dC = dc' + dh o (1-t^2) + da_o w_o
-        da_i = dC g i(1-i);  da_f = dC c f(1-f);  da_g = dC i (1-g^2)
+        da_i = dC g i(1-i);  da_f = dC (c f(1-f));  da_g = dC i (1-g^2)
         dc = dC f + da_i w_i + da_f w_f
         dw_i += da_i c, dw_f += da_f c, dw_o += da_o c'  (summed over the chunk's batch items)."""
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -153,7 +153,7 @@ def _convlstm_bwd_kernel(gates_ptr, c_ptr, peep_ptr, dh_ptr, dcn_ptr, ggates_ptr
         if HAS_PEEP:
             dC = dC + dao * wo
         dai = dC * g * i * (1.0 - i)
-        daf = dC * c * f * (1.0 - f)
+        daf = dC * (c * (f * (1.0 - f)))  # not (dC c) first: inf * 0 at a saturated f and c of ~1e38
         dag = dC * i * (1.0 - g * g)
         dc = dC * f
         if HAS_PEEP:
