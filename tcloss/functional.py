@@ -230,6 +230,8 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
     for t in flat.values():
         dt = torch.promote_types(dt, t.dtype)
     sa, ta, sb, tb = (flat[k].to(dt) for k in ("student_a", "teacher_a", "student_b", "teacher_b"))
+    if student_b is None:  # one tensor for both sides: autograd sums their gradients before any conversion
+        sb = sa
     name = _pw.choose_backend(dev, backend, precision)
     alg = _pw.choose_algorithm(algorithm, loss, name, Na, Nb, Cs, Ct)
     kw = dict(detach_norm=detach_norm, eps=float(eps))

@@ -237,13 +237,16 @@ def test_cpp_same_bits_for_any_thread_count(loss):
 
 @pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("loss", ["mse", "kl"])
-def test_blocked_self_similarity_float16_gradient_beyond_range(backend, device, loss):
+@pytest.mark.parametrize("teacher_dtype", [torch.float16, torch.bfloat16])
+def test_blocked_self_similarity_float16_gradient_beyond_range(backend, device, loss, teacher_dtype):
     """Self-similarity in float16 with a zero feature vector (gradient ~g/eps = -1.2e6 there, kl):
     the kernels return d student_a of the row and of the column side, and autograd added them
     in float16, each already rounded to an inf of its own sign: NaN. The sum is rounded once:
-    -inf where the float64 gradient is beyond the float16 range, the float64 value elsewhere."""
+    -inf where the float64 gradient is beyond the float16 range, the float64 value elsewhere.
+    A bfloat16 teacher promotes the op to float32: the two sides were converted back to float16
+    one by one (the fuzz suite's find), now the one float32 tensor of both sides is."""
     sa = torch.tensor([[[0.0, -0.5869]]], dtype=torch.float16, device=device, requires_grad=True)
-    ta = torch.tensor([[[1.3223, 0.5337], [0.1234, 1.2422]]], dtype=torch.float16, device=device)
+    ta = torch.tensor([[[1.3223, 0.5337], [0.1234, 1.2422]]], dtype=teacher_dtype, device=device)
     got = tcloss.pairwise_similarity_loss(sa, ta, loss=loss, algorithm="blocked", backend=backend)
     (g,) = torch.autograd.grad(got, sa)
     s64 = sa.detach().cpu().double().requires_grad_()
