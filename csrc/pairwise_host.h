@@ -39,13 +39,15 @@ inline at::ScalarType pw_acc_type(at::ScalarType s) { return s == at::kDouble ? 
 // Per row of xt (B,N,C), the power of two 2^-e that brings max |x| into [0.5, 1) (e the frexp
 // exponent, clamped so that 2^-e stays a normal number: at most 2^126 in float32), (B,N,1).
 // Zero, infinite and NaN rows get 1. As tcloss.reference.pow2_scale (max |x| taken as
-// max(max x, -min x): no temporary of the size of x).
+// max(max x, -min x): no temporary of the size of x). The exponent is passed to ldexp in m's
+// dtype: with an integer exponent, torch < 2.6 computed 2^-e in float32 (2^-665, the scale of a
+// 1e200 row, was 0).
 inline at::Tensor pw_pow2_scale(const at::Tensor& xt) {
   at::Tensor m = at::maximum(at::amax(xt, at::IntArrayRef{2}, /*keepdim=*/true),
                              at::neg(at::amin(xt, at::IntArrayRef{2}, /*keepdim=*/true)));
   at::Tensor e = std::get<1>(at::frexp(m));
   const int64_t emin = xt.scalar_type() == at::kDouble ? -1022 : -126;
-  return at::ldexp(at::ones_like(m), at::neg(at::clamp_min(e, emin)));
+  return at::ldexp(at::ones_like(m), at::neg(at::clamp_min(e, emin)).to(m.scalar_type()));
 }
 
 // (B,C,N) -> unit rows (B,N,C) contiguous in acc, with the norms ns (B,N,1) of the rows scaled

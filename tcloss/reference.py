@@ -145,10 +145,12 @@ def pow2_scale(x: torch.Tensor, dim: int) -> torch.Tensor:
     Norms are taken of ``x * scale``: they cannot overflow (features of 1e20 or 3e38 whose
     float32 sum of squares is inf) or underflow, and since the scale is a power of two,
     ``(x * scale) / ||x * scale||`` has the bits of ``x / ||x||`` wherever that did not overflow.
-    Zero, infinite and NaN vectors get the scale 1 (what they gave before: 0, NaN)."""
+    Zero, infinite and NaN vectors get the scale 1 (what they gave before: 0, NaN). The exponent
+    goes to ``ldexp`` in ``m``'s dtype: with an integer exponent, torch < 2.6 computed ``2^-e`` in
+    float32 (2^-665, the scale of a 1e200 row, was 0)."""
     m = x.detach().abs().amax(dim, keepdim=True)
     e = torch.frexp(m).exponent.clamp_min(round(math.log2(torch.finfo(x.dtype).tiny)))
-    return torch.ldexp(torch.ones_like(m), -e)
+    return torch.ldexp(torch.ones_like(m), (-e).to(m.dtype))
 
 
 def unit_vectors(x: torch.Tensor, dim: int, eps: float, detach_norm: bool = False) -> torch.Tensor:

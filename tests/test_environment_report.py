@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import tcloss
 from tcloss import _backends as B
@@ -79,3 +80,23 @@ def test_extension_built_against_another_torch_is_refused_with_the_fix(monkeypat
         monkeypatch.undo()
         B.native_status.cache_clear()
     assert B.native_status()[0]
+
+
+def test_triton_module_that_does_not_import_makes_the_triton_backend_unavailable_with_its_reason(monkeypatch):
+    """With triton importable but an op's Triton module failing to import (an older torch without
+    torch.library.triton_op), the triton backend is reported unavailable for that op, with the
+    import error, rather than listed and failing at the call."""
+    if not B.triton_status()[0]:
+        pytest.skip("triton is not importable here: the backend reports that instead")
+    monkeypatch.setattr(B, "_REGISTERED", set(B._REGISTERED))
+    monkeypatch.setattr(B, "_TRITON_IMPORT_ERROR", dict(B._TRITON_IMPORT_ERROR))
+    B.register_op_pair("no_such_stem", "no_such_triton_module", None, None, None)
+    why = B._TRITON_IMPORT_ERROR["no_such_stem"]
+    assert "do not load with torch" in why and "no_such_triton_module" in why
+    # the reason reaches the report and the error of an explicit backend="triton"
+    monkeypatch.setitem(B._TRITON_IMPORT_ERROR, "temporal_loss", why)
+    assert B.available_backends(verbose=True)["temporal_loss"]["cuda"]["triton"] == why
+    assert B.available_backends(verbose=True)["convlstm_cell"]["cuda"]["triton"] != why
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="do not load with torch"):
+        B.resolve("temporal_loss", torch.device("cpu"), "triton")

@@ -80,3 +80,116 @@ def test_etc_temporal_loss_is_temporal_loss_on_logits_mask_power_2_over_c():
     theirs = ((v * zt - v * R.flow_warp(ztk, flow, "border")) ** 2).mean()
     ours = tcloss.temporal_loss(zt, ztk, flow, it, itk, on="logit", mask_power=2, backend="reference") / C
     torch.testing.assert_close(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair-wise similarity distillation. Each peer's similarity map is written out here as the math
+# it computes: rows are pixels, S[b,i,j] = <x_i, x_j> / (n(x_i) n(x_j)) with the peer's own norm
+# n (F.normalize: max(|x|, 1e-12); SKD: |x| + 1e-8, detached; ETC: |x|, no floor).
+
+def cos_map(xa, xb, norm):
+    """(B,C,H,W) x2 -> (B, N_a, N_b): <xa_i, xb_j> / (norm(xa_i) norm(xb_j)), channels on dim 1."""
+    a = xa.flatten(2).transpose(1, 2)  # (B,N_a,C)
+    b = xb.flatten(2).transpose(1, 2)
+    a = a / norm(a.pow(2).sum(-1, keepdim=True).sqrt())
+    b = b / norm(b.pow(2).sum(-1, keepdim=True).sqrt())
+    return a @ b.transpose(1, 2)
+
+
+def features(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def test_cirkd_structural_kd_is_pairwise_on_2x2_ceil_max_pooled():
+    """CIRKD CriterionStructuralKD: 2x2 max pooling with stride 2 and ceil_mode=True (an odd H or W
+    keeps its last row/column as a 1-wide window), F.normalize over channels, self-similarity,
+    then the mean of (S - T)^2 over B*N*N."""
+    s, t = features(B, 8, H, W), features(B, 6, H, W)  # H=6, W=7: the ceil window matters on W
+    ps, pt = (F.max_pool2d(x, 2, 2, ceil_mode=True) for x in (s, t))
+    assert ps.shape[-2:] == (3, 4)
+    norm = lambda n: n.clamp_min(1e-12)
+    theirs = ((cos_map(ps, ps, norm) - cos_map(pt, pt, norm)) ** 2).mean()
+    ours = tcloss.pairwise_similarity_loss(ps, pt)
+    torch.testing.assert_close(ours, theirs)
+    # floor pooling would drop the last column and give another number
+    fs, ft = (F.max_pool2d(x, 2, 2) for x in (s, t))
+    assert not torch.allclose(tcloss.pairwise_similarity_loss(fs, ft), theirs)
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_cirkd_minibatch_cross_image_pair_is_mean_over_b2_image_pairs_of_pairwise_kl(tau):
+    """CIRKD CriterionMiniBatchCrossImagePair (pooling=False): for every ordered image pair (i, j)
+    of the batch, rows of image i against columns of image j, log_softmax/softmax over j of the
+    maps / tau, kl_div(..., reduction="batchmean") = the sum over the N_i x N_j map / N_i (no
+    tau^2), and the sum over the B^2 pairs divided by B^2."""
+    b = 3
+    s, t = features(b, 8, H, W), features(b, 6, H, W)
+    norm = lambda n: n.clamp_min(1e-12)
+    total = 0.0
+    for i in range(b):
+        for j in range(b):
+            ms = cos_map(s[i:i + 1], s[j:j + 1], norm)[0] / tau
+            mt = cos_map(t[i:i + 1], t[j:j + 1], norm)[0] / tau
+            p = torch.softmax(mt, 1)
+            total = total + (p * (torch.log_softmax(mt, 1) - torch.log_softmax(ms, 1))).sum() / ms.shape[0]
+    theirs = total / b ** 2
+    # the per-pair form, as docs/PORTING.md writes it (a slice keeps the batch dimension)
+    ours = sum(tcloss.pairwise_similarity_loss(s[i:i + 1], t[i:i + 1], s[j:j + 1], t[j:j + 1], loss="kl",
+                                               temperature=tau, eps=1e-12)
+               for i in range(b) for j in range(b)) / b ** 2
+    torch.testing.assert_close(ours, theirs)
+    # the same in one call: the B^2 pairs laid out as a batch of B^2
+    rows = dict(student_a=s.repeat_interleave(b, 0), teacher_a=t.repeat_interleave(b, 0),
+                student_b=s.repeat(b, 1, 1, 1), teacher_b=t.repeat(b, 1, 1, 1))
+    one_call = tcloss.pairwise_similarity_loss(rows["student_a"], rows["teacher_a"], rows["student_b"],
+                                               rows["teacher_b"], loss="kl", temperature=tau, eps=1e-12)
+    torch.testing.assert_close(one_call, theirs)
+    # the diagonal pairs alone (self-similarity per image) are not the same loss
+    assert not torch.allclose(tcloss.pairwise_similarity_loss(s, t, loss="kl", temperature=tau), theirs)
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.34])
+def test_skd_pairwise_after_pool_is_mse_on_max_pooled_with_detached_norms(scale):
+    """SKD CriterionPairWiseforWholeFeatAfterPool: max pooling with kernel = stride =
+    (int(H*scale), int(W*scale)) and ceil_mode=True; rows divided by their L2 norm + 1e-8, the norm
+    detached; sum of (T - S)^2 / N^2 / B, i.e. the mean over B*N*N. Value and student gradient:
+    detach_norm=True is what makes the gradients agree (up to the 1e-8, ~1e-8 relative)."""
+    s, t = features(B, 8, H, W), features(B, 6, H, W)
+    k = (int(H * scale), int(W * scale))
+    ps_theirs = F.max_pool2d(s.clone().requires_grad_(), k, k, ceil_mode=True)
+    pt = F.max_pool2d(t, k, k, ceil_mode=True)
+    norm = lambda n: n.detach() + 1e-8
+    theirs = ((cos_map(pt, pt, norm) - cos_map(ps_theirs, ps_theirs, norm)) ** 2).sum() / pt[0, 0].numel() ** 2 / B
+    (g_theirs,) = torch.autograd.grad(theirs, ps_theirs)
+
+    ps = F.max_pool2d(s, k, k, ceil_mode=True).requires_grad_()
+    ours = tcloss.pairwise_similarity_loss(ps, pt, detach_norm=True)
+    (g_ours,) = torch.autograd.grad(ours, ps)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    # the 1e-8 on the norm moves each entry by ~1e-8 of the gradient's scale (more, relatively, on
+    # entries that nearly cancel)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-6, atol=1e-7 * g_theirs.abs().max().item())
+    # with the exact gradient through the norm (the default) the gradients differ
+    ps2 = ps.detach().requires_grad_()
+    (g_exact,) = torch.autograd.grad(tcloss.pairwise_similarity_loss(ps2, pt), ps2)
+    assert not torch.allclose(g_exact, g_theirs, rtol=1e-3)
+
+
+def test_etc_sdcos_self_is_pairwise_on_2x2_avg_pooled_frames_with_04_on_the_neighbours():
+    """ETC CriterionSDcos_self: each of its three frames (frame 0, `preds`, and its forward and
+    backward neighbours) average-pooled 2x2, stride 2 (floor: an odd H or W drops its last
+    row/column), its self-similarity of cosines (x_i.x_j / (|x_i| |x_j|)) for student and
+    teacher, MSELoss (the mean over B*N*N); loss_0 + 0.4 * (loss_f + loss_b). Each term is the
+    self-similarity of one frame: no map crosses frames."""
+    frames = [(features(B, 8, H, W), features(B, 6, H, W)) for _ in range(3)]  # (S, T): t, t_f, t_b
+    pooled = [tuple(F.avg_pool2d(x, 2, 2) for x in st) for st in frames]
+    assert pooled[0][0].shape[-2:] == (3, 3)
+    plain = lambda n: n
+    terms = [((cos_map(ps, ps, plain) - cos_map(pt, pt, plain)) ** 2).mean() for ps, pt in pooled]
+    theirs = terms[0] + 0.4 * (terms[1] + terms[2])
+    ours = [tcloss.pairwise_similarity_loss(ps, pt) for ps, pt in pooled]
+    torch.testing.assert_close(ours[0] + 0.4 * (ours[1] + ours[2]), theirs)
+    # ceil pooling (as CIRKD's) would keep the last column and change the number
+    ceil = [tuple(F.avg_pool2d(x, 2, 2, ceil_mode=True) for x in st) for st in frames]
+    other = [tcloss.pairwise_similarity_loss(ps, pt) for ps, pt in ceil]
+    assert not torch.allclose(other[0] + 0.4 * (other[1] + other[2]), theirs)

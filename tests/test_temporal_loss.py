@@ -414,7 +414,10 @@ def test_unavailable_backend_is_a_clear_error():
     with pytest.raises(RuntimeError, match="not available for temporal_loss on cpu"):
         tcloss.temporal_loss(*_good(), backend="cuda")
     if not INTERPRET:
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        # an older torch that cannot load the Triton module gives that reason instead
+        from tcloss._backends import _TRITON_IMPORT_ERROR
+        why = "do not load with torch" if "temporal_loss" in _TRITON_IMPORT_ERROR else "TRITON_INTERPRET"
+        with pytest.raises(RuntimeError, match=why):
             tcloss.temporal_loss(*_good(), backend="triton")
 
 

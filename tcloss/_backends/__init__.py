@@ -176,6 +176,9 @@ def _status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
         ok, why = triton_status()
         if not ok:
             return False, why
+        stem = STEM_OF_OP.get(op)
+        if stem in _TRITON_IMPORT_ERROR:
+            return False, _TRITON_IMPORT_ERROR[stem]
         if device_type == "cuda" or (device_type == "cpu" and triton_interpret()):
             return True, "ok"
         return False, "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
@@ -240,9 +243,13 @@ _REGISTERED: set[str] = set()
 # The public op of each kernel pair's stem (for error messages).
 OP_OF_STEM = {"temporal_loss": "temporal_loss", "convlstm_cell": "convlstm_cell",
               "pairwise_similarity": "pairwise_similarity_loss"}
+STEM_OF_OP = {op: stem for stem, op in OP_OF_STEM.items()}
 # Triton forward ops by stem, filled at registration (looked up, not imported, inside traced code:
 # torch.compile cannot trace importlib).
 _TRITON_FWD: dict[str, object] = {}
+# Why a stem's Triton module did not import although triton does (an older torch without
+# torch.library.triton_op / wrap_triton, say): the triton backend reports this reason.
+_TRITON_IMPORT_ERROR: dict[str, str] = {}
 
 
 def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_autograd, *,
@@ -274,7 +281,12 @@ def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_aut
         torch.library.register_autograd(f"tcloss::{stem}_bwd", refuse, setup_context=no_context)
     try:
         mod = importlib.import_module(f".{triton_module}", __name__)
-    except Exception:  # noqa: BLE001 - no triton: the backend reports itself unavailable
+    except Exception as e:  # noqa: BLE001 - the backend reports itself unavailable, with this reason
+        if triton_status()[0]:
+            first = (str(e).splitlines() or [""])[0][:200]
+            _TRITON_IMPORT_ERROR[stem] = (f"tcloss's Triton kernels for {op_name} do not load with torch "
+                                          f"{torch.__version__} ({type(e).__name__}: {first}); they need a newer "
+                                          f"torch (see docs/VERSIONS.md)")
         return
     fwd, bwd = getattr(mod, f"{stem}_fwd_triton"), getattr(mod, f"{stem}_bwd_triton")
     _TRITON_FWD[stem] = fwd
