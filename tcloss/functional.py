@@ -172,8 +172,10 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
         student_b, teacher_b: the column side (frame t+k for PF); N_b may differ from N_a.
         algorithm: ``"blocked"`` (tiles of S and T computed on the fly and discarded, O(N C)
             memory, both losses), ``"gram"`` (mse only: C x C Gram identity in float64,
-            O(N C^2)), ``"naive"`` (materialises S and T in PyTorch), ``"auto"`` (gram for mse
-            when C_s + C_t <= 2 min(N_a, N_b), else blocked; naive on the reference backend).
+            O(N C^2)), ``"naive"`` (materialises S and T in PyTorch), ``"auto"`` (naive on the
+            reference backend and, on the CPU, where N_a N_b <= 4096 (C_s + C_t); else gram for
+            mse when C_s + C_t <= r min(N_a, N_b), r = 1 on the CPU and 2 on a GPU; else
+            blocked: the measured rule of tcloss._backends.pairwise.choose_algorithm).
         detach_norm: the norms are constants in backward (structured-distillation convention);
             otherwise the gradient through the normalisation is exact.
         backend: kernel of the blocked algorithm (``auto``/``cpp``/``cuda``/``triton``;
@@ -233,7 +235,7 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
     if student_b is None:  # one tensor for both sides: autograd sums their gradients before any conversion
         sb = sa
     name = _pw.choose_backend(dev, backend, precision)
-    alg = _pw.choose_algorithm(algorithm, loss, name, Na, Nb, Cs, Ct)
+    alg = _pw.choose_algorithm(algorithm, loss, name, dev.type, Na, Nb, Cs, Ct)
     kw = dict(detach_norm=detach_norm, eps=float(eps))
     sb_opt = None if student_b is None else sb
     tb_opt = None if teacher_b is None else tb

@@ -339,12 +339,25 @@ def test_torch_compile_fullgraph():
 
 
 def test_auto_algorithm_rule():
-    assert pw.choose_algorithm("auto", "mse", "cpp", 2304, 2304, 19, 19) == "gram"
-    assert pw.choose_algorithm("auto", "mse", "cpp", 2304, 2304, 128, 512) == "gram"
-    assert pw.choose_algorithm("auto", "mse", "cpp", 64, 64, 128, 512) == "blocked"
-    assert pw.choose_algorithm("auto", "kl", "cpp", 2304, 2304, 19, 19) == "blocked"
-    assert pw.choose_algorithm("auto", "kl", "reference", 2304, 2304, 19, 19) == "naive"
-    assert pw.choose_algorithm("naive", "mse", "cpp", 2304, 2304, 19, 19) == "naive"
+    """The measured CPU rule (benchmarks/results/cpu/pairwise_auto.md) and the GPU one."""
+    choose = pw.choose_algorithm
+    assert choose("auto", "mse", "cpp", "cpu", 2304, 2304, 19, 19) == "gram"
+    assert choose("auto", "mse", "cpp", "cpu", 2304, 2304, 128, 512) == "gram"
+    assert choose("auto", "mse", "cpp", "cpu", 1024, 1024, 128, 512) == "naive"
+    assert choose("auto", "mse", "cpp", "cpu", 576, 576, 128, 512) == "naive"  # gram 1.4x behind there
+    assert choose("auto", "mse", "cpp", "cpu", 256, 256, 64, 64) == "naive"
+    assert choose("auto", "mse", "cuda", "cuda", 576, 576, 128, 512) == "gram"
+    assert choose("auto", "mse", "cuda", "cuda", 64, 64, 128, 512) == "blocked"
+    assert choose("auto", "kl", "cpp", "cpu", 2304, 2304, 19, 19) == "blocked"
+    assert choose("auto", "kl", "cpp", "cpu", 576, 576, 19, 19) == "blocked"
+    assert choose("auto", "kl", "cpp", "cpu", 256, 256, 19, 19) == "naive"
+    assert choose("auto", "kl", "cpp", "cpu", 576, 576, 64, 64) == "naive"
+    assert choose("auto", "kl", "cpp", "cpu", 1024, 1024, 64, 64) == "blocked"
+    assert choose("auto", "kl", "cpp", "cpu", 1024, 1024, 128, 512) == "naive"
+    assert choose("auto", "kl", "cpp", "cpu", 2304, 2304, 128, 512) == "blocked"
+    assert choose("auto", "kl", "triton", "cuda", 256, 256, 19, 19) == "blocked"
+    assert choose("auto", "kl", "reference", "cpu", 2304, 2304, 19, 19) == "naive"
+    assert choose("naive", "mse", "cpp", "cpu", 2304, 2304, 19, 19) == "naive"
 
 
 def test_auto_matches_reference_both_losses():

@@ -88,22 +88,35 @@ def choose_backend(device: torch.device, backend: str, precision: str) -> str:
     return resolve(OP, device, backend)
 
 
-# Crossover of algorithm="auto" for loss="mse", measured on CPU (benchmarks/bench_pairwise.py,
-# forward+backward, 2 cores): gram (C x C identity, float64) vs blocked are even at
-# N = 256, C_s + C_t = 640 and gram wins by 2-8x from there on (N = 2304: 2.6 ms vs 21 ms at
-# C = 19+19, 32 ms vs 151 ms at C = 128+512). Gram costs ~2 N (C_s+C_t)^2 against
-# ~6 N_a N_b (C_s+C_t) for blocked, so the rule is on the ratio (C_s + C_t) / N.
-GRAM_MAX_CHANNEL_RATIO = 2.0
+# algorithm="auto". gram costs ~2 N (C_s+C_t)^2 against ~N_a N_b (C_s+C_t) for naive and
+# blocked, so its rule is on the ratio (C_s + C_t) / N; naive (the N x N maps in memory) is
+# chosen only on the CPU and only where the maps are small. The CPU constants come from
+# benchmarks/pairwise_auto_sweep.py (benchmarks/results/cpu/pairwise_auto.md, forward+backward,
+# 2 threads, two runs): blocked falls behind naive where the maps are small (they stay in
+# cache) and the channels many (the tiles' GEMMs, recomputed in the backward, dominate): by
+# 1.0-1.3x at N = 256 for every C, up to N = 576 at C 64/64 (1.08-1.19x) and N = 1024 at C
+# 128/512 (1.3-1.6x), and ahead beyond (0.6-0.75x at N = 576, C 19/19; 0.82-1.0x at N = 1024,
+# C 64/64; 0.91-0.97x at N = 2304, C 128/512): naive up to N_a N_b = 4096 (C_s + C_t) pairs.
+# gram was up to 1.4x behind naive at C_s + C_t > N (C 128/512, N = 576), even at N = 1024,
+# and ahead beyond. The GPU rule (gram up to C_s + C_t = 2 N, else blocked) predates the H200
+# measurement that issue 14 still owes.
+GRAM_MAX_CHANNEL_RATIO = {"cpu": 1.0, "other": 2.0}
+CPU_NAIVE_PAIRS_PER_CHANNEL = 4096
 
 
-def choose_algorithm(algorithm: str, loss: str, backend: str, Na: int, Nb: int, Cs: int, Ct: int) -> str:
-    """The algorithm a call runs: ``auto`` -> gram for mse when ``C_s + C_t <= 2 * min(N_a, N_b)``,
-    otherwise blocked (naive where no blocked kernel exists: the reference backend)."""
+def choose_algorithm(algorithm: str, loss: str, backend: str, device_type: str, Na: int, Nb: int, Cs: int,
+                     Ct: int) -> str:
+    """The algorithm a call runs; ``auto``: naive on the reference backend, and on the CPU where
+    the maps are small (``N_a N_b <= 4096 (C_s + C_t)``); else gram for mse when ``C_s + C_t <=
+    r min(N_a, N_b)`` (r = 1 on the CPU, 2 elsewhere); else blocked."""
     if algorithm != "auto":
         return algorithm
-    if loss == "mse" and Cs + Ct <= GRAM_MAX_CHANNEL_RATIO * min(Na, Nb):
+    cpu = device_type == "cpu"
+    C = Cs + Ct
+    small = cpu and Na * Nb <= CPU_NAIVE_PAIRS_PER_CHANNEL * C
+    if loss == "mse" and not small and C <= GRAM_MAX_CHANNEL_RATIO["cpu" if cpu else "other"] * min(Na, Nb):
         return "gram"
-    return "naive" if backend == "reference" else "blocked"
+    return "naive" if backend == "reference" or small else "blocked"
 
 
 def row_scales(x: torch.Tensor, eps: float, detach_norm: bool, acc: torch.dtype) -> torch.Tensor:
