@@ -244,20 +244,19 @@ def test_released_kd_upsamples_the_student_to_the_teachers_size():
     torch.testing.assert_close(released_kd(small, big, 1.0), tcloss.pixelwise_kd(up, big) / 5)
 
 
-def test_released_pa_is_pooled_self_similarity_plus_cross_frame_terms():
+def test_released_pa_is_pooled_self_similarity_of_the_three_frames():
+    """ETC's CriterionSDcos_self (docs/PORTING.md): the self-similarity of frame t plus 0.4 x
+    those of its two neighbours, on 2x2 average-pooled (floor) features."""
     got, _, _, s, t = _released("pa")
 
-    def sim(a, b):  # cosine similarity of every pixel of a with every pixel of b, (B, N_a, N_b)
+    def sim(a):  # cosine similarity of every pixel of a with every other, (B, N, N)
         a = torch.nn.functional.normalize(a.flatten(2), dim=1, eps=1e-8)
-        b = torch.nn.functional.normalize(b.flatten(2), dim=1, eps=1e-8)
-        return a.transpose(1, 2) @ b
+        return a.transpose(1, 2) @ a
 
-    pool = [(torch.nn.functional.avg_pool2d(s["feat"][:, i], 2, ceil_mode=True),
-             torch.nn.functional.avg_pool2d(t["feat"][:, i], 2, ceil_mode=True)) for i in range(3)]
-    (s1, t1) = pool[1]
-    self_term = ((sim(t1, t1) - sim(s1, s1)) ** 2).mean()
-    cross = [((sim(t1, pool[nb][1]) - sim(s1, pool[nb][0])) ** 2).mean() for nb in (0, 2)]
-    torch.testing.assert_close(got, self_term + 0.4 * (cross[0] + cross[1]) / 2)
+    def term(i):
+        ps, pt = (torch.nn.functional.avg_pool2d(x["feat"][:, i], 2) for x in (s, t))
+        return ((sim(pt) - sim(ps)) ** 2).mean()
+    torch.testing.assert_close(got, term(1) + 0.4 * (term(0) + term(2)))
 
 
 def test_released_semantics_in_the_trainer():

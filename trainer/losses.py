@@ -14,9 +14,11 @@ Every term comes from ``tcloss``; this module only decides which inputs go where
 * ``released``: each term as the paper's released code weighs it (the mappings of
   docs/PORTING.md; tests/test_train.py checks these terms against them), per (t, t+k) pair:
   tl = ``temporal_loss(on="logit", mask_power=2) / C``; kd = sum over the pair's two frames of
-  ``pixelwise_kd(S upsampled to T's size, T, tau) / (C tau^2)``; pa = ``pairwise_similarity_loss``
-  on 2x2 average-pooled features of frame t plus 0.4 x the cross-frame term (t, t+k). Each term is averaged over the triplet's two
-  pairs, as tl and pf are under both semantics, so kd and pa need the whole triplet too.
+  ``pixelwise_kd(S upsampled to T's size, T, tau) / (C tau^2)``, averaged over the triplet's two
+  pairs as tl and pf are under both semantics; pa = the self-similarity
+  (``pairwise_similarity_loss``) of 2x2 average-pooled (floor) features of frame t plus 0.4 x
+  those of frames t-k and t+k (ETC's CriterionSDcos_self: no map crosses frames). kd and pa
+  then need the whole triplet too.
 
 pf and mf are the same under both (the released cross-frame term divides by swapped norms, which
 tcloss does not reproduce).
@@ -45,7 +47,7 @@ def effective_weights(section: dict, lam: float) -> Dict[str, float]:
 
 
 SEMANTICS = ("paper", "released")
-RELEASED_CROSS_WEIGHT = 0.4  # the released code's weight of each cross-frame term of its pair-wise SF
+RELEASED_NEIGHBOUR_WEIGHT = 0.4  # the released code's weight of each neighbour frame's pair-wise SF
 
 
 def triplet_terms(semantics: str = "paper") -> tuple:
@@ -94,8 +96,9 @@ def released_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float
 
 
 def _pool2(x: torch.Tensor) -> torch.Tensor:
-    """The released code's 2x2 average pooling of features before its pair-wise SF."""
-    return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+    """The released code's 2x2 average pooling of features before its pair-wise SF (floor: an odd
+    size drops its last row or column)."""
+    return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
 def compute_losses(weights: Dict[str, float], frames: torch.Tensor, label: torch.Tensor, flow: torch.Tensor,
@@ -142,12 +145,11 @@ def compute_losses(weights: Dict[str, float], frames: torch.Tensor, label: torch
     elif "kd" in weights:  # SF, pixel-wise: KL(q_T || q_S) at every pixel of the labelled frame
         terms["kd"] = tcloss.pixelwise_kd(frame(s_out, "logits", lab), frame(t_out, "logits", lab).detach(),
                                          temperature=kd_temperature)
-    if "pa" in weights and released:  # self-similarity of frame t + 0.4 x the mean cross-frame term
-        fs = [_pool2(frame(s_out, "feat", i)) for i in range(3)]
-        ft = [_pool2(frame(t_out, "feat", i)).detach() for i in range(3)]
-        cross = [tcloss.pairwise_similarity_loss(fs[1], ft[1], fs[nb], ft[nb], backend=backend) for nb in (0, 2)]
-        terms["pa"] = (tcloss.pairwise_similarity_loss(fs[1], ft[1], backend=backend)
-                       + RELEASED_CROSS_WEIGHT * sum(cross) / 2)
+    if "pa" in weights and released:  # self-similarity of frame t + 0.4 x those of its neighbours
+        sim = [tcloss.pairwise_similarity_loss(_pool2(frame(s_out, "feat", i)),
+                                               _pool2(frame(t_out, "feat", i)).detach(), backend=backend)
+               for i in range(3)]
+        terms["pa"] = sim[1] + RELEASED_NEIGHBOUR_WEIGHT * (sim[0] + sim[2])
     elif "pa" in weights:  # SF, pair-wise (eq. 5): self-similarity of the last feature maps
         terms["pa"] = tcloss.pairwise_similarity_loss(_pool(frame(s_out, "feat", lab), pa_pool),
                                                       _pool(frame(t_out, "feat", lab), pa_pool).detach(),
