@@ -1,7 +1,6 @@
 """Shared test helpers: which backends run where, tolerances, the shared sample data."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import tcloss
 from tcloss import _backends
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # models/, videodata/, trainer/ live beside train.py, not in the package
 SHARED_DATA = ROOT.parent / "shared" / "data"
 INTERPRET = _backends.triton_interpret()
 HAS_CUDA = torch.cuda.is_available()

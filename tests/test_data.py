@@ -1,20 +1,13 @@
 """videodata/: synthetic video, CamVid, Cityscapes, triplet sampling and joint augmentation."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from videodata import (CamVid, Cityscapes, SyntheticClip, SyntheticVideo, TripletAugment,  # noqa: E402
+from videodata import (CamVid, Cityscapes, SyntheticClip, SyntheticVideo, TripletAugment,
                        build_dataset, sample_triplet)
 
-from conftest import SHARED_DATA, grid_warp  # noqa: E402
+from conftest import SHARED_DATA, grid_warp
 
 CAMVID = SHARED_DATA / "camvid_0016E5"
 

@@ -1,20 +1,13 @@
 """models/flow.py: flow estimators, .flo I/O, the warping convention."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from models import build_flow_estimator, read_flo, resize_flow, write_flo
+import videodata
 
-from models import build_flow_estimator, read_flo, resize_flow, write_flo  # noqa: E402
-import videodata  # noqa: E402
-
-from conftest import SHARED_DATA, grid_warp  # noqa: E402
+from conftest import SHARED_DATA, grid_warp
 
 CHAIRS = SHARED_DATA / "flyingchairs_examples"
 

@@ -1,16 +1,9 @@
 """models/: segmentation networks (shapes, parameter counts, local weight loading)."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import models  # noqa: E402
-from models import build_segmentation_model, count_parameters, upsample_logits  # noqa: E402
+import models
+from models import build_segmentation_model, count_parameters, upsample_logits
 
 H, W = 57, 75  # odd on purpose (not multiples of 8 or 32)
 OUT = (8, 10)  # ceil(H / 8), ceil(W / 8)
