@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._dtypes import acc_dtype
 from ._backends import resolve
 from ._checks import (check_choice, check_kd_options, check_pairwise_options, check_temporal_options,
                       check_tensor)
@@ -287,7 +288,7 @@ def pixelwise_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
                          "pass teacher_logits.detach()")
     check_kd_options(temperature)
     tau = float(temperature)
-    acc = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    acc = acc_dtype(student_logits.dtype, teacher_logits.dtype)
 
     def half_scaled_log_probs(z):
         # u / 2 with u = tau * log_softmax(z / tau), formed as h - (tau / 2) lse(h / (tau / 2)),
@@ -373,7 +374,7 @@ def convlstm_cell(gates: torch.Tensor, c: torch.Tensor, *, peephole=None, backen
     if peephole is not None:
         # The kernels take one (3,Hd,h,w) tensor in the accumulation dtype (small next to the
         # gates); expand's backward sums its gradient back to each weight's own shape.
-        acc = torch.float64 if dt == torch.float64 else torch.float32
+        acc = acc_dtype(dt)
         p = torch.stack([w.to(acc).expand(Hd, H, W) for w in peephole])
     h_new, c_new = _cl.fwd_op(name)(gates, c, p)
     return h_new, c_new

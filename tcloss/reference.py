@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._dtypes import acc_dtype
+
 MASK_MODES = ("signed_sum", "l1", "l2")
 PADDINGS = ("border", "zeros")
 REDUCTIONS = ("none", "mean", "sum")
@@ -86,7 +88,7 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
     Computed in float32 (float64 for float64 inputs). A pixel whose flow is not finite gets
     a NaN loss and contributes no gradient (the kernels do the same).
     """
-    acc = torch.float64 if pred_t.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(pred_t.dtype)
     flow = flow.to(acc)
     finite = torch.isfinite(flow).all(1)  # (B,H,W)
     flow_safe = torch.where(finite.unsqueeze(1), flow, torch.zeros_like(flow))
@@ -182,10 +184,6 @@ def pairwise_normalize(x: torch.Tensor, eps: float = 1e-8, detach_norm: bool = F
     return unit_vectors(x.transpose(1, 2), 2, eps, detach_norm)
 
 
-def _pairwise_acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, student_b: torch.Tensor | None = None,
                              teacher_b: torch.Tensor | None = None, loss: str = "mse", temperature: float = 1.0,
                              detach_norm: bool = False, eps: float = 1e-8) -> torch.Tensor:
@@ -197,7 +195,7 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
     softmax_j(S_i/tau))`` (row-wise relational distillation, no tau^2 factor). ``*_b`` default to
     ``*_a`` (self-similarity). Computed in float32 (float64 for float64 inputs).
     """
-    acc = _pairwise_acc(student_a)
+    acc = acc_dtype(student_a.dtype)
     sa = pairwise_normalize(student_a, eps, detach_norm, acc)
     ta = pairwise_normalize(teacher_a, eps, detach_norm, acc)
     sb = sa if student_b is None else pairwise_normalize(student_b, eps, detach_norm, acc)
@@ -225,7 +223,7 @@ def pairwise_similarity_loss_gram(student_a: torch.Tensor, teacher_a: torch.Tens
     and the contraction are all in float64 (relative error ~1e-16 x sum S^2 / sum (S-T)^2).
     Backward is autograd through the same float64 matmuls (C x C products again).
     """
-    acc = _pairwise_acc(student_a)
+    acc = acc_dtype(student_a.dtype)
     d = torch.float64
     sa = pairwise_normalize(student_a, eps, detach_norm, d)
     ta = pairwise_normalize(teacher_a, eps, detach_norm, d)
@@ -263,7 +261,7 @@ def convlstm_cell(gates: torch.Tensor, c: torch.Tensor, peephole=None):
     ``gates`` and ``c``.
     """
     dt = torch.promote_types(gates.dtype, c.dtype)
-    acc = torch.float64 if dt == torch.float64 else torch.float32
+    acc = acc_dtype(dt)
     a_i, a_f, a_g, a_o = gates.to(acc).chunk(4, 1)
     c = c.to(acc)
     if peephole is None:

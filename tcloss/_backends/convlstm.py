@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
 from . import fwd_op as _fwd_op
 from . import register_op_pair
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fake_fwd(gates, c, peephole):
@@ -25,7 +24,7 @@ def _fake_fwd(gates, c, peephole):
 
 
 def _fake_bwd(grad_h, grad_c_new, gates, c, peephole, grad_peephole):
-    gp = peephole.new_empty(peephole.shape) if grad_peephole else gates.new_empty((0,), dtype=_acc(gates.dtype))
+    gp = peephole.new_empty(peephole.shape) if grad_peephole else gates.new_empty((0,), dtype=acc_dtype(gates.dtype))
     return gates.new_empty(gates.shape), c.new_empty(c.shape), gp
 
 

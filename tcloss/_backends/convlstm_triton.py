@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._dtypes import acc_dtype
+
 BLOCK = 256
 
 
@@ -183,7 +185,7 @@ def _check(gates, c, peephole):
     if tuple(c.shape) != (B, Hd, H, W) or c.dtype != gates.dtype:
         raise ValueError(f"c must be (B,Hd,h,w) = {(B, Hd, H, W)} of dtype {gates.dtype}, got "
                          f"{tuple(c.shape)} {c.dtype}")
-    acc = torch.float64 if gates.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(gates.dtype)
     if peephole is not None and (tuple(peephole.shape) != (3, Hd, H, W) or peephole.dtype != acc):
         raise ValueError(f"peephole must be (3,Hd,h,w) = {(3, Hd, H, W)} of dtype {acc}, got "
                          f"{tuple(peephole.shape)} {peephole.dtype}")

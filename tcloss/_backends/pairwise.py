@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from .._dtypes import acc_dtype
 from ..reference import pow2_scale
 from . import ENV_BACKEND, _status, register_op_pair, resolve
 from . import fwd_op as _fwd_op
@@ -28,14 +29,12 @@ LOSS = {"mse": 0, "kl": 1}
 PRECISION = {"ieee": 0, "tf32": 1, "bf16": 2}
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _fake_fwd(sa, ta, sb, tb, loss, temperature, eps, detach_norm, precision=None):
     B, _, Na = sa.shape
-    stats = sa.new_empty((B, Na, 2) if loss == 1 else (0,), dtype=_acc(sa))
-    return sa.new_empty((), dtype=_acc(sa)), stats
+    stats = sa.new_empty((B, Na, 2) if loss == 1 else (0,), dtype=acc_dtype(sa.dtype))
+    return sa.new_empty((), dtype=acc_dtype(sa.dtype)), stats
 
 
 def _fake_bwd(grad, sa, ta, sb, tb, stats, *args):

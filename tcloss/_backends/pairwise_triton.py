@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._dtypes import acc_dtype
 from . import triton_interpret
 from .pairwise import PRECISION, row_scales
 
@@ -300,8 +301,6 @@ def _blocks(device: torch.device):
     return 64, 64, 16, 8
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check(sa, ta, sb, tb, loss, temperature, eps, precision):
@@ -339,7 +338,7 @@ def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: Optio
     """The contract of the native ``tcloss::pairwise_similarity_fwd``, plus: ``sb = tb = None`` is
     self-similarity (one set of inputs for rows and columns), and ``precision`` of the tiles."""
     _check(sa, ta, sb, tb, loss, temperature, eps, precision)
-    acc = _acc(sa)
+    acc = acc_dtype(sa.dtype)
     sa, ta = sa.contiguous(), ta.contiguous()
     ras, rat = row_scales(sa, eps, False, acc), row_scales(ta, eps, False, acc)
     if sb is None:
@@ -368,7 +367,7 @@ def pairwise_similarity_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: tor
     """The contract of the native ``tcloss::pairwise_similarity_bwd`` (self-similarity: the whole
     gradient is d student_a), plus ``precision``; one pass over the tiles."""
     _check(sa, ta, sb, tb, loss, temperature, eps, precision)
-    acc = _acc(sa)
+    acc = acc_dtype(sa.dtype)
     self_sim = sb is None
     sa, ta = sa.contiguous(), ta.contiguous()
     sb, tb = (sa, ta) if self_sim else (sb.contiguous(), tb.contiguous())

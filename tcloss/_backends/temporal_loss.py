@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
 from . import fwd_op as _fwd_op
 from . import register_op_pair
 
@@ -22,7 +23,7 @@ MASK_MODE = {"signed_sum": 0, "l1": 1, "l2": 2}
 
 def _fake(pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power, zeros_padding, reduction,
           grad_pred_t, grad_pred_tk, grad_flow):
-    acc = torch.float64 if pred_t.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(pred_t.dtype)
     B, _, H, W = pred_t.shape
     loss = pred_t.new_empty((B, H, W) if reduction == 0 else (), dtype=acc)
     return (loss,

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
+from .._dtypes import acc_dtype
 from ..reference import saturate_to
 
 NUM_WARPS = 4  # BLOCK_P = 32 * NUM_WARPS pixels a program
@@ -325,7 +326,7 @@ def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask
     if mask_power > 0:  # the scalar reaches the kernel as float32: keep it positive and finite there
         mask_power = min(max(mask_power, _F32_TINY), _F32_MAX)
     B, C, H, W = pred_t.shape
-    acc = torch.float64 if pred_t.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(pred_t.dtype)
     pt, ptk = pred_t.contiguous(), pred_tk.contiguous()
     fl = flow.to(acc).contiguous()
     it, itk = saturate_to(img_t, acc).contiguous(), saturate_to(img_tk, acc).contiguous()
