@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import tcloss
-from tcloss import _backends
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -25,7 +24,7 @@ HAS_CUDA = torch.cuda.is_available()
 def backends_for(op: str, device: str) -> list[str]:
     names = ["reference"]
     for b in ("cpp", "cuda", "triton"):
-        if _backends._status(b, op, device)[0] and not (b == "triton" and device == "cpu"):
+        if tcloss.backend_status(b, op, device)[0] and not (b == "triton" and device == "cpu"):
             names.append(b)
     return names
 

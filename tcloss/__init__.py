@@ -2,7 +2,7 @@
 segmentation (Liu et al., "Efficient Semantic Video Segmentation with Per-frame Inference",
 ECCV 2020). See README.md for the API and the backend table."""
 from . import _backends
-from ._backends import available_backends
+from ._backends import available_backends, backend_status
 from ._backends import temporal_loss as _temporal_loss_glue
 from ._backends import pairwise as _pairwise_glue
 from ._backends import convlstm as _convlstm_glue
@@ -19,7 +19,7 @@ from . import metrics, nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["flow_warp", "occlusion_mask", "temporal_loss", "pairwise_similarity_loss", "pixelwise_kd", "convlstm_cell",
-           "available_backends", "nn", "metrics", "reference", "flow"]
+           "available_backends", "backend_status", "nn", "metrics", "reference", "flow"]
 
 
 def __getattr__(name):

@@ -35,7 +35,7 @@ def kernel_params(op: str = "temporal_loss"):
     """(backend, device) pairs for the kernels under test; reference is the oracle, not a param."""
     return [
         pytest.param("cpp", "cpu", id="cpp",
-                     marks=pytest.mark.skipif(not _backends._status("cpp", op, "cpu")[0], reason="tcloss._C has no CPU kernel")),
+                     marks=pytest.mark.skipif(not tcloss.backend_status("cpp", op, "cpu")[0], reason="tcloss._C has no CPU kernel")),
         pytest.param("triton", "cpu", id="triton-interp",
                      marks=[pytest.mark.triton,
                             pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")]),

@@ -429,7 +429,7 @@ def test_mf_clip_bounds_weights():
 # ---------------------------------------------------------------- torch.library -------------------
 
 def _native_ok():
-    return tcloss._backends._status("cpp", "convlstm_cell", "cpu")[0]
+    return tcloss.backend_status("cpp", "convlstm_cell", "cpu")[0]
 
 
 @pytest.mark.skipif(not _native_ok(), reason="tcloss._C has no CPU kernel")

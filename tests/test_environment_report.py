@@ -100,3 +100,13 @@ def test_triton_module_that_does_not_import_makes_the_triton_backend_unavailable
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="do not load with torch"):
         B.resolve("temporal_loss", torch.device("cpu"), "triton")
+
+
+def test_backend_status_is_public_and_checks_its_arguments():
+    assert tcloss.backend_status("reference", "temporal_loss", "cpu") == (True, "ok")
+    ok, why = tcloss.backend_status("cuda", "pairwise_similarity_loss", "cpu")
+    assert not ok and "CUDA tensors" in why
+    with pytest.raises(ValueError, match="op must be one of temporal_loss, convlstm_cell, pairwise_similarity_loss"):
+        tcloss.backend_status("cpp", "flow_warp", "cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tcloss.backend_status("opencl", "temporal_loss", "cpu")

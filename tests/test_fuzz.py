@@ -69,7 +69,7 @@ TRITON_SETTINGS = settings(max_examples=max(3, settings.default.max_examples // 
 # Option / argument-check tests are cheap: more examples.
 CHEAP_SETTINGS = settings(max_examples=settings.default.max_examples * 2)
 
-HAS_CPP = {op: _backends._status("cpp", op, "cpu")[0]
+HAS_CPP = {op: tcloss.backend_status("cpp", op, "cpu")[0]
            for op in ("temporal_loss", "pairwise_similarity_loss", "convlstm_cell")}
 
 

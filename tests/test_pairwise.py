@@ -9,7 +9,8 @@ import torch
 
 import tcloss
 from tcloss import reference as R
-from tcloss._backends import _status, triton_interpret
+from tcloss import backend_status
+from tcloss._backends import triton_interpret
 from tcloss._backends import pairwise as pw
 
 from conftest import kernel_params
@@ -22,7 +23,7 @@ triton_ok = pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="triton needs
 
 
 def _avail(backend, device):
-    return _status(backend, "pairwise_similarity_loss", device)[0]
+    return backend_status(backend, "pairwise_similarity_loss", device)[0]
 
 
 # (backend, device) pairs of the blocked kernels: cpp, triton-interp, cuda, triton-cuda.
@@ -704,7 +705,7 @@ def test_precision_backend_choice(monkeypatch):
     where available; ieee, an explicit backend, TCLOSS_BACKEND and CPU tensors are unchanged."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(pw, "resolve", lambda op, dev, backend: "cuda" if backend == "auto" else backend)
-    monkeypatch.setattr(pw, "_status", lambda b, op, dt: (b == "triton", "ok"))
+    monkeypatch.setattr(pw, "backend_status", lambda b, op, dt: (b == "triton", "ok"))
     monkeypatch.delenv("TCLOSS_BACKEND", raising=False)
     choose = pw.choose_backend.__wrapped__ if hasattr(pw.choose_backend, "__wrapped__") else pw.choose_backend
     assert choose(cuda, "auto", "ieee") == "cuda"
@@ -715,7 +716,7 @@ def test_precision_backend_choice(monkeypatch):
     monkeypatch.setenv("TCLOSS_BACKEND", "cuda")
     assert choose(cuda, "auto", "tf32") == "cuda"
     monkeypatch.delenv("TCLOSS_BACKEND")
-    monkeypatch.setattr(pw, "_status", lambda b, op, dt: (False, "no triton"))
+    monkeypatch.setattr(pw, "backend_status", lambda b, op, dt: (False, "no triton"))
     assert choose(cuda, "auto", "tf32") == "cuda"
 
 

@@ -272,7 +272,7 @@ def test_autocast_returns_float32(backend, device):
 # ---------------------------------------------------------------- torch.library integration -------
 
 def test_opcheck_native():
-    if not tcloss._backends._status("cpp", "temporal_loss", "cpu")[0]:
+    if not tcloss.backend_status("cpp", "temporal_loss", "cpu")[0]:
         pytest.skip("no native CPU kernel")
     pt, ptk, fl, it, itk = make_inputs(1, 3, 4, 5)
     for t in (pt, ptk, fl):
@@ -434,7 +434,7 @@ def test_available_backends_and_env_override():
 
 
 def needs_cpp():
-    if not tcloss._backends._status("cpp", "temporal_loss", "cpu")[0]:
+    if not tcloss.backend_status("cpp", "temporal_loss", "cpu")[0]:
         pytest.skip("no native CPU kernel")
 
 

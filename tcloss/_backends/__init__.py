@@ -23,12 +23,12 @@ from .._checks import check_choice
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 
-# Kernels written so far, per op: the native op probed in the dispatcher, and whether a Triton
-# kernel exists. Later ops add themselves here.
-OPS: dict[str, dict] = {
-    "temporal_loss": {"native": "tcloss::temporal_loss_fwd", "triton": True},
-    "convlstm_cell": {"native": "tcloss::convlstm_cell_fwd", "triton": True},
-    "pairwise_similarity_loss": {"native": "tcloss::pairwise_similarity_fwd", "triton": True},
+# Every op has a native (cpp/cuda) and a Triton kernel; per op, the native forward op probed in
+# the dispatcher. A new op adds itself here (docs/ARCHITECTURE.md: Adding an op).
+OPS: dict[str, str] = {
+    "temporal_loss": "tcloss::temporal_loss_fwd",
+    "convlstm_cell": "tcloss::convlstm_cell_fwd",
+    "pairwise_similarity_loss": "tcloss::pairwise_similarity_fwd",
 }
 
 # Order tried for CUDA tensors under backend="auto" (fastest first, as measured on a GPU:
@@ -139,30 +139,29 @@ def triton_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-def _status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
-    spec = OPS.get(op)
-    if spec is None:
-        return (backend == "reference"), f"{op} has only a reference implementation"
+def backend_status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
+    """``(available, reason)`` of ``backend`` for ``op`` on tensors of ``device_type`` ("cpu" or
+    "cuda") in this install: reason is "ok", or why not in plain words (what
+    ``available_backends(verbose=True)`` and ``python -m tcloss`` print)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    schema = OPS[op]
     if backend == "reference":
         return True, "ok"
     if backend == "cpp":
         if device_type != "cpu":
             return False, "the cpp backend runs on CPU tensors only"
-        if spec.get("native") is None:
-            return False, f"no C++ CPU kernel for {op} yet"
         ok, why = native_status()
         if not ok:
             return False, why
-        return (True, "ok") if _has_native_kernel(spec["native"], "CPU") else (False, f"tcloss._C has no CPU kernel for {op}")
+        return (True, "ok") if _has_native_kernel(schema, "CPU") else (False, f"tcloss._C has no CPU kernel for {op}")
     if backend == "cuda":
         if device_type != "cuda":
             return False, "the cuda backend runs on CUDA tensors only"
-        if spec.get("native") is None:
-            return False, f"no CUDA kernel for {op} yet"
         ok, why = native_status()
         if not ok:
             return False, why
-        if not _has_native_kernel(spec["native"], "CUDA"):
+        if not _has_native_kernel(schema, "CUDA"):
             info = build_info()
             if info.get("cuda_attempted"):
                 return False, f"tcloss._C's CUDA kernels failed to build ({_build_errors(info)})"
@@ -171,8 +170,6 @@ def _status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
             return False, f"tcloss._C was built without CUDA kernels ({why})"
         return True, "ok"
     if backend == "triton":
-        if not spec.get("triton"):
-            return False, f"no Triton kernel for {op} yet"
         ok, why = triton_status()
         if not ok:
             return False, why
@@ -207,12 +204,12 @@ def resolve(op: str, device: torch.device, backend: str = "auto") -> str:
     if backend == "auto":
         order = AUTO_CUDA_ORDER.get(op, ("cuda", "triton")) if dt == "cuda" else ("cpp",)
         for name in order:
-            if _status(name, op, dt)[0]:
+            if backend_status(name, op, dt)[0]:
                 return name
         return "reference"
-    ok, why = _status(backend, op, dt)
+    ok, why = backend_status(backend, op, dt)
     if not ok:
-        avail = [b for b in BACKENDS if _status(b, op, dt)[0]]
+        avail = [b for b in BACKENDS if backend_status(b, op, dt)[0]]
         what = f"backend {backend!r}" if source == "backend" else source
         raise RuntimeError(f"{what} is not available for {op} on {dt} tensors: {why}. Available here: {avail}")
     return backend
@@ -226,12 +223,12 @@ def available_backends(verbose: bool = False):
     """
     devices = ("cpu", "cuda")
     if verbose:
-        return {op: {d: {b: _status(b, op, d)[1] for b in BACKENDS} for d in devices} for op in OPS}
+        return {op: {d: {b: backend_status(b, op, d)[1] for b in BACKENDS} for d in devices} for op in OPS}
     out = {}
     for d in devices:
         names = []
         for b in BACKENDS:
-            if any(_status(b, op, d)[0] for op in OPS):
+            if any(backend_status(b, op, d)[0] for op in OPS):
                 names.append(b)
         out[d] = names
     return out

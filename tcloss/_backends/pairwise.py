@@ -21,7 +21,7 @@ import torch
 
 from .._dtypes import acc_dtype
 from ..reference import pow2_scale
-from . import ENV_BACKEND, _status, register_op_pair, resolve
+from . import ENV_BACKEND, backend_status, register_op_pair, resolve
 from . import fwd_op as _fwd_op
 
 LOSS = {"mse": 0, "kl": 1}
@@ -82,7 +82,7 @@ def choose_backend(device: torch.device, backend: str, precision: str) -> str:
     a CUDA device with a precision below ``"ieee"`` takes triton where available: its tiles are
     the only tensor-core path (cpp and cuda compute exactly at every precision)."""
     if (backend == "auto" and precision != "ieee" and device.type == "cuda"
-            and os.environ.get(ENV_BACKEND, "").strip() in ("", "auto") and _status("triton", OP, "cuda")[0]):
+            and os.environ.get(ENV_BACKEND, "").strip() in ("", "auto") and backend_status("triton", OP, "cuda")[0]):
         return "triton"
     return resolve(OP, device, backend)
 
