@@ -256,8 +256,8 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
         # self-similarity: autograd adds the op's d student_a and d student_b; in float16 each
         # may round to an inf of its own sign (inf - inf = NaN) where their sum does not: pass
         # float32, so that the sum is rounded to the input dtype once
-        sa, ta, tb = sa.float(), ta.float(), tb.float()
-        sb = sa
+        sa, ta = sa.float(), ta.float()
+        sb, tb = sa, (ta if teacher_b is None else tb.float())
     return _pw.fwd_op(name)(sa, ta.detach(), sb, tb.detach(), *args)[0]
 
 
