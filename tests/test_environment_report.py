@@ -110,3 +110,22 @@ def test_backend_status_is_public_and_checks_its_arguments():
         tcloss.backend_status("cpp", "flow_warp", "cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
         tcloss.backend_status("opencl", "temporal_loss", "cpu")
+
+
+def test_import_boundaries():
+    """The library stands alone: importing tcloss (with its reference and every glue module) loads
+    nothing of the training side (models, videodata, trainer), and tcloss.reference, the oracle
+    the kernels are tested against, imports no kernel module (native, glue or Triton)."""
+    code = ("import sys, tcloss, tcloss.reference, tcloss.nn, tcloss.metrics\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('models', 'videodata', 'trainer'))\n"
+            "print(','.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "", out.stdout
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(tcloss.reference))
+    imported = {f"{n.module or ''}.{a.name}".lstrip(".") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                for a in n.names}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    kernels = ("_backends", "tcloss._backends", "tcloss._C", "_C", "triton")
+    assert not any(m.startswith(kernels) for m in imported), imported
