@@ -3,6 +3,8 @@ the reasons and the import-time warning derived from it (issue 13: a failed nati
 never be silent)."""
 from __future__ import annotations
 
+import ast
+import inspect
 import subprocess
 import sys
 
@@ -121,8 +123,6 @@ def test_import_boundaries():
             "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "", out.stdout
-    import ast
-    import inspect
     tree = ast.parse(inspect.getsource(tcloss.reference))
     imported = {f"{n.module or ''}.{a.name}".lstrip(".") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                 for a in n.names}

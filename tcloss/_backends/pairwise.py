@@ -90,15 +90,16 @@ def choose_backend(device: torch.device, backend: str, precision: str) -> str:
 # algorithm="auto". gram costs ~2 N (C_s+C_t)^2 against ~N_a N_b (C_s+C_t) for naive and
 # blocked, so its rule is on the ratio (C_s + C_t) / N; naive (the N x N maps in memory) is
 # chosen only on the CPU and only where the maps are small. The CPU constants come from
-# benchmarks/pairwise_auto_sweep.py (benchmarks/results/cpu/pairwise_auto.md, forward+backward,
-# 2 threads, two runs): blocked falls behind naive where the maps are small (they stay in
-# cache) and the channels many (the tiles' GEMMs, recomputed in the backward, dominate): by
-# 1.0-1.3x at N = 256 for every C, up to N = 576 at C 64/64 (1.08-1.19x) and N = 1024 at C
-# 128/512 (1.3-1.6x), and ahead beyond (0.6-0.75x at N = 576, C 19/19; 0.82-1.0x at N = 1024,
-# C 64/64; 0.91-0.97x at N = 2304, C 128/512): naive up to N_a N_b = 4096 (C_s + C_t) pairs.
-# gram was up to 1.4x behind naive at C_s + C_t > N (C 128/512, N = 576), even at N = 1024,
-# and ahead beyond. The GPU rule (gram up to C_s + C_t = 2 N, else blocked) predates the H200
-# measurement that issue 14 still owes.
+# benchmarks/pairwise_auto_sweep.py (forward+backward, 2 threads; three runs, the last in
+# benchmarks/results/cpu/pairwise_auto.md; blocked / naive ranges over the three): blocked falls
+# behind naive where the maps are small (they stay in cache) and the channels many (the tiles'
+# GEMMs, recomputed in the backward, dominate): 0.97-1.34x at N = 256 for every C, 1.08-1.31x
+# at N = 576 and C 64/64, 1.18-1.65x up to N = 1024 at C 128/512; it is even or ahead beyond
+# (0.59-0.75x at N = 576, C 19/19; 0.82-1.01x at N = 1024, C 64/64; 0.83-0.97x at N = 2304,
+# C 128/512): naive up to N_a N_b = 4096 (C_s + C_t) pairs. gram was 1.41-1.56x behind naive at
+# C_s + C_t > N (C 128/512, N = 576), 0.90-0.96x at N = 1024, and ahead beyond. The GPU rule
+# (gram up to C_s + C_t = 2 N, else blocked) predates the H200 measurement that issue 14 still
+# owes.
 GRAM_MAX_CHANNEL_RATIO = {"cpu": 1.0, "other": 2.0}
 CPU_NAIVE_PAIRS_PER_CHANNEL = 4096
 
