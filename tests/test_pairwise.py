@@ -473,11 +473,11 @@ def _check_large_features(run_kw, dtype, device="cpu"):
             assert torch.isfinite(a).all() and torch.isfinite(b).all()
             l, g = run(a, ta * sc, b, tb * sc, loss=loss, **run_kw)
             assert torch.isfinite(l), (loss, sc)
-            torch.testing.assert_close(l.double().cpu(), l_ref, atol=1e-6, rtol=1e-5, msg=f"{loss} x{sc}")
+            torch.testing.assert_close(l.double(), l_ref, atol=1e-6, rtol=1e-5, msg=f"{loss} x{sc}")
             for x, y in zip(g, g_ref):  # d/d(sc x) = (d/dx) / sc
                 assert torch.isfinite(x).all()
                 # float32 gradients of 3e38-features are ~1e-40, subnormal: ~17 significant bits
-                torch.testing.assert_close((x.double().cpu() * sc), y, atol=1e-5, rtol=1e-3)
+                torch.testing.assert_close(x.double() * sc, y, atol=1e-5, rtol=1e-3)
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
@@ -664,8 +664,8 @@ PRECISION_BOUND = {"ieee": (1e-5, 1e-4), "tf32": (1e-2, 1e-2), "bf16": (1e-1, 1e
 
 
 def _rel_errors(l, g, l_ref, g_ref):
-    el = abs(l.double().cpu() - l_ref).item() / abs(l_ref).item()
-    eg = max(((a.double().cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(g, g_ref))
+    el = abs(l.double() - l_ref).item() / abs(l_ref).item()
+    eg = max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(g, g_ref))
     return el, eg
 
 

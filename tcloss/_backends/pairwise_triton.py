@@ -61,8 +61,8 @@ def _tf32(x, NEAREST: tl.constexpr):
 def _mma(acc, x, y, PREC: tl.constexpr, IS_F64: tl.constexpr, EMULATE: tl.constexpr):
     """``acc + x @ y`` at precision PREC (0 ieee = 3xTF32, 1 tf32, 2 bf16 operands; float32
     accumulation); float64 exact. EMULATE (the interpreter): the same roundings, explicitly."""
-    if IS_F64:
-        return tl.dot(x, y, acc, input_precision="ieee")
+    if IS_F64:  # out_dtype named: Triton < 3.7 takes float32 by default, whatever acc is
+        return tl.dot(x, y, acc, input_precision="ieee", out_dtype=tl.float64)
     if PREC == 2:
         x = x.to(tl.bfloat16)
         y = y.to(tl.bfloat16)
@@ -296,9 +296,11 @@ def _pairwise_bwd_kernel(
 
 
 def _blocks(device: torch.device):
+    """(rows, columns, channels) of a tile, num_warps, num_stages (scripts/pairwise_triton_sweep.py
+    times the alternatives on a GPU)."""
     if device.type != "cuda" or triton_interpret():
-        return 16, 16, 16, 1  # the interpreter: small tiles run fastest
-    return 64, 64, 16, 8
+        return 16, 16, 16, 1, 1  # the interpreter: small tiles run fastest
+    return 64, 64, 16, 8, 1
 
 
 
@@ -351,10 +353,10 @@ def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: Optio
     par = torch.tensor([1.0 / temperature, 0.0], dtype=acc, device=sa.device)
     rowloss = torch.empty((B, Na), dtype=acc, device=sa.device)
     stats = torch.empty((B, Na, 2) if loss == 1 else (0,), dtype=acc, device=sa.device)
-    BM, BN, BK, nw = _blocks(sa.device)
+    BM, BN, BK, nw, ns = _blocks(sa.device)
     wrap_triton(_pairwise_fwd_kernel)[(triton.cdiv(Na, BM), B)](
         sa, ta, sb, tb, ras, rat, rbs, rbt, par, rowloss, stats, Na, Nb, Cs, Ct,
-        LOSS=int(loss), **_consts(sa, precision), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=1)
+        LOSS=int(loss), **_consts(sa, precision), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns)
     denom = B * Na * (Nb if loss == 0 else 1)
     return rowloss.sum() / denom, stats
 
@@ -396,12 +398,12 @@ def pairwise_similarity_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: tor
     go, do = buffers(o_s)
     grad_x = own_b and want_a
     gx, dx = buffers(x_s) if grad_x else (go, do)
-    BO, BX, BK, nw = _blocks(sa.device)
+    BO, BX, BK, nw, ns = _blocks(sa.device)
     ticks = torch.zeros((B, triton.cdiv(Nx, BX)) if grad_x else (0,), dtype=torch.int32, device=sa.device)
     wrap_triton(_pairwise_bwd_kernel)[(triton.cdiv(No, BO), B)](
         o_s, o_t, x_s, x_t, r_os, r_ot, r_xs, r_xt, par, stats, go, do, gx, dx, ticks, No, Nx, Cs, ta.shape[1],
         LOSS=int(loss), OWNER_ROWS=not own_b, X_ROWS=own_b or self_sim, GRAD_X=grad_x, **_consts(sa, precision),
-        BLOCK_O=BO, BLOCK_X=BX, BLOCK_K=BK, num_warps=nw, num_stages=1)
+        BLOCK_O=BO, BLOCK_X=BX, BLOCK_K=BK, num_warps=nw, num_stages=ns)
     if own_b:
         return (dx if grad_x else empty), do
     return do, empty
