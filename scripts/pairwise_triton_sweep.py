@@ -4,11 +4,12 @@ per precision, on self-similarities at the shapes of the benchmark's targets.
 Every configuration (tile rows, columns, channels, num_warps, num_stages; the launchers' choice
 is ``pairwise_triton._blocks``) is compiled first in parallel processes, which fill Triton's disk
 cache at the same specialisation (N divisible by 16, same channel counts), then timed one at a
-time in this process: median of ``triton.testing.do_bench``. Each row also gives the loss's
+time in this process: median of ``triton.testing.do_bench``; beside them, the naive PyTorch
+fwd+bwd (materialises the N x N maps) on the same shape. Each row also gives the loss's
 relative difference to the first configuration at the same precision (a broken tile shows
 there) and the executed TFLOP/s (bench_pairwise.executed_flops).
 
-    python3 scripts/pairwise_triton_sweep.py [--out FILE] [--workers 12]
+    python3 scripts/pairwise_triton_sweep.py [--out FILE] [--workers 12] [--precisions ieee,tf32,bf16]
 """
 from __future__ import annotations
 
@@ -22,14 +23,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
-# (BLOCK rows, BLOCK columns, BLOCK channels, num_warps, num_stages); the first is the default.
+# (BLOCK rows, BLOCK columns, BLOCK channels, num_warps, num_stages)
 CONFIGS = [
-    (64, 64, 16, 8, 1), (64, 64, 16, 4, 1), (64, 64, 32, 4, 2), (64, 64, 32, 8, 2),
-    (128, 64, 32, 8, 2), (128, 64, 32, 4, 2), (64, 128, 32, 8, 2), (128, 128, 32, 8, 2),
-    (128, 64, 16, 8, 3), (64, 64, 64, 4, 2), (128, 128, 16, 8, 3), (64, 32, 32, 4, 2),
+    (64, 64, 16, 4, 1), (64, 64, 64, 4, 2), (128, 64, 16, 4, 1), (128, 64, 16, 8, 1),
+    (64, 128, 16, 4, 1), (64, 32, 16, 4, 1), (128, 64, 64, 8, 2), (64, 128, 64, 4, 2),
+    (128, 128, 64, 8, 2), (64, 64, 64, 4, 3), (64, 64, 128, 4, 2), (128, 64, 32, 4, 3),
 ]
-SHAPES = [("kl", 32768, 19, 19), ("kl", 8192, 128, 512), ("mse", 8192, 128, 512)]
-PRECISIONS = ("ieee", "tf32", "bf16")
+SHAPES = [("kl", 32768, 19, 19), ("kl", 8192, 128, 512)]
 
 
 def _calls(cfg, loss, N, Cs, Ct, prec, seed=0):
@@ -62,10 +62,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--precisions", default="ieee,tf32,bf16")
     a = ap.parse_args()
+    precisions = a.precisions.split(",")
     import triton
+    import tcloss
     from bench_pairwise import executed_flops
-    jobs = [(cfg, loss, Cs, Ct, prec) for loss, _, Cs, Ct in SHAPES for prec in PRECISIONS for cfg in CONFIGS]
+    jobs = [(cfg, loss, Cs, Ct, prec) for loss, _, Cs, Ct in SHAPES for prec in precisions for cfg in CONFIGS]
     with cf.ProcessPoolExecutor(a.workers, mp_context=mp.get_context("spawn")) as ex:
         errors = dict(zip(jobs, ex.map(_compile, jobs)))
     lines = [f"# Triton pair-wise tile sweep: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -75,7 +78,12 @@ def main():
                   "| BM, BN, BK, warps, stages | precision | fwd ms | bwd ms | fwd+bwd ms | TFLOP/s | loss vs first |",
                   "|---|---|---|---|---|---|---|"]
         fl = executed_flops("blocked-triton", loss, N, Cs, Ct)
-        for prec in PRECISIONS:
+        s, t = torch.randn(1, Cs, N, device="cuda", requires_grad=True), torch.randn(1, Ct, N, device="cuda")
+        naive = lambda: tcloss.pairwise_similarity_loss(s, t, loss=loss, algorithm="naive").backward()  # noqa: E731
+        tn = triton.testing.do_bench(naive, warmup=10, rep=100, grad_to_none=[s], return_mode="median")
+        lines.append(f"| naive (PyTorch autograd) | fp32 | | | {tn:.2f} | | |")
+        del s, t
+        for prec in precisions:
             first = None
             for cfg in CONFIGS:
                 err = errors[(cfg, loss, Cs, Ct, prec)]

@@ -60,25 +60,28 @@ def _tf32(x, NEAREST: tl.constexpr):
 @triton.jit
 def _mma(acc, x, y, PREC: tl.constexpr, IS_F64: tl.constexpr, EMULATE: tl.constexpr):
     """``acc + x @ y`` at precision PREC (0 ieee = 3xTF32, 1 tf32, 2 bf16 operands; float32
-    accumulation); float64 exact. EMULATE (the interpreter): the same roundings, explicitly."""
+    accumulation); float64 exact. EMULATE (the interpreter): the same roundings, explicitly.
+    One return at the end: Triton still generates the code after a constexpr ``if: return``."""
     if IS_F64:  # out_dtype named: Triton < 3.7 takes float32 by default, whatever acc is
-        return tl.dot(x, y, acc, input_precision="ieee", out_dtype=tl.float64)
-    if PREC == 2:
-        x = x.to(tl.bfloat16)
-        y = y.to(tl.bfloat16)
+        out = tl.dot(x, y, acc, input_precision="ieee", out_dtype=tl.float64)
+    elif PREC == 2:
         if EMULATE:
-            return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(x, y, acc)
-    if EMULATE:
+            out = tl.dot(x.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            out = tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), acc)
+    elif EMULATE:
         xh = _tf32(x, PREC == 0)
         yh = _tf32(y, PREC == 0)
         if PREC == 0:  # Triton's 3xTF32: small*big + big*small + big*big
             acc = tl.dot(_tf32(x - xh, True), yh, acc, input_precision="ieee")
             acc = tl.dot(xh, _tf32(y - yh, True), acc, input_precision="ieee")
-        return tl.dot(xh, yh, acc, input_precision="ieee")
-    if PREC == 0:
-        return tl.dot(x, y, acc, input_precision="tf32x3")
-    return tl.dot(x, y, acc, input_precision="tf32")
+        out = tl.dot(xh, yh, acc, input_precision="ieee")
+    elif PREC == 0:
+        out = tl.dot(x, y, acc, input_precision="tf32x3")
+    else:
+        out = tl.dot(x, y, acc, input_precision="tf32")
+    return out
 
 
 @triton.jit
@@ -169,8 +172,8 @@ def _pairwise_fwd_kernel(
     for n0 in range(0, Nb, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         nm = offs_n < Nb
-        sbs, ivbs, _ = _scales(rbs_ptr + b * 3 * Nb, Nb, offs_n, nm)
-        sbt, ivbt, _ = _scales(rbt_ptr + b * 3 * Nb, Nb, offs_n, nm)
+        sbs, ivbs, _fbs = _scales(rbs_ptr + b * 3 * Nb, Nb, offs_n, nm)
+        sbt, ivbt, _fbt = _scales(rbt_ptr + b * 3 * Nb, Nb, offs_n, nm)
         S = _cos_tile(as_ptr, sas, ivas, bs_ptr, sbs, ivbs, Cs, Na, Nb, offs_m, offs_n, mm, nm,
                       PREC, IS_F64, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
         T = _cos_tile(at_ptr, sat, ivat, bt_ptr, sbt, ivbt, Ct, Na, Nb, offs_m, offs_n, mm, nm,
@@ -205,13 +208,16 @@ def _g_term(S, T, inv_tau, stats_ptr, offs, m, LOSS: tl.constexpr, ROWS_ARE_OWNE
     """dloss/dS_ij / c of the tile (owner pixel o, other pixel x), the row i of S being the owner
     pixel (ROWS_ARE_OWNER) or the other one; ``offs`` are the row pixels (stats of row i):
         mse: 2 (S - T);   kl: (softmax_j(S_i/tau) - softmax_j(T_i/tau)) / tau from the saved lse."""
-    if LOSS == 0:
-        return 2.0 * (S - T)
-    lse_s = tl.load(stats_ptr + offs * 2, mask=m, other=0.0)
-    lse_t = tl.load(stats_ptr + offs * 2 + 1, mask=m, other=0.0)
-    if ROWS_ARE_OWNER:
-        return (tl.exp(S * inv_tau - lse_s[:, None]) - tl.exp(T * inv_tau - lse_t[:, None])) * inv_tau
-    return (tl.exp(S * inv_tau - lse_s[None, :]) - tl.exp(T * inv_tau - lse_t[None, :])) * inv_tau
+    if LOSS == 0:  # if/else, one return: Triton generates the code after a constexpr ``if: return``
+        g = 2.0 * (S - T)
+    else:
+        lse_s = tl.load(stats_ptr + offs * 2, mask=m, other=0.0)
+        lse_t = tl.load(stats_ptr + offs * 2 + 1, mask=m, other=0.0)
+        if ROWS_ARE_OWNER:
+            g = (tl.exp(S * inv_tau - lse_s[:, None]) - tl.exp(T * inv_tau - lse_t[:, None])) * inv_tau
+        else:
+            g = (tl.exp(S * inv_tau - lse_s[None, :]) - tl.exp(T * inv_tau - lse_t[None, :])) * inv_tau
+    return g
 
 
 @triton.jit
@@ -253,7 +259,7 @@ def _pairwise_bwd_kernel(
         offs_x = xb * BLOCK_X + tl.arange(0, BLOCK_X).to(tl.int64)
         xm = offs_x < Nx
         s_xs, iv_xs, full_x = _scales(rxs_ptr + b * 3 * Nx, Nx, offs_x, xm)
-        s_xt, iv_xt, _ = _scales(rxt_ptr + b * 3 * Nx, Nx, offs_x, xm)
+        s_xt, iv_xt, _fxt = _scales(rxt_ptr + b * 3 * Nx, Nx, offs_x, xm)
         S = _cos_tile(os_ptr, s_os, iv_os, xs_ptr, s_xs, iv_xs, Cs, No, Nx, offs_o, offs_x, om, xm,
                       PREC, IS_F64, EMULATE, BLOCK_O, BLOCK_X, BLOCK_K)
         T = _cos_tile(ot_ptr, s_ot, iv_ot, xt_ptr, s_xt, iv_xt, Ct, No, Nx, offs_o, offs_x, om, xm,
