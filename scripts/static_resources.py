@@ -37,6 +37,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 
 import torch
 import triton
@@ -109,7 +110,8 @@ def pairwise_calls():
     from tcloss._backends import pairwise_triton as P
     calls, out = [], []
     rec = lambda fn: _Recorder(fn, calls)  # noqa: E731
-    cuda_blocks = lambda device, f=P._blocks: f(torch.device("cuda"))  # noqa: E731 - the CUDA tiles
+    # the CUDA tiles: _blocks asks the tensor's device
+    cuda_blocks = lambda x, *a, f=P._blocks: f(types.SimpleNamespace(device=torch.device("cuda"), dtype=x.dtype), *a)  # noqa: E731,E501
     B, C, N = 2, 64, 4096
     x = lambda: _meta(B, C, N)  # noqa: E731
     with _patched(P, wrap_triton=rec, _blocks=cuda_blocks, triton_interpret=lambda: False):

@@ -38,7 +38,9 @@ AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
     "temporal_loss": ("cuda", "triton"),
     # H200: cuda ahead on the feature path (1.68x vs 0.86x), triton on the MF path (5.0x vs 4.35x)
     "convlstm_cell": ("cuda", "triton"),
-    "pairwise_similarity_loss": ("cuda", "triton"),  # H200: cuda 1.2-1.3x faster at C=19, even at C=640
+    # H200 (2026-11-30, blocked fwd+bwd): triton ahead at every N >= 8192 (kl N=32768 C 19/19: 29.8 vs
+    # 43.8 ms before its tiles were tuned), and naive is picked below that
+    "pairwise_similarity_loss": ("triton", "cuda"),
 }
 
 

@@ -301,14 +301,19 @@ def _pairwise_bwd_kernel(
     _unit_rows_bwd(go_ptr, do_ptr, os_ptr, s_os, iv_os, full_o, Cs, No, offs_o, om, BLOCK_K, BLOCK_O)
 
 
-def _blocks(device: torch.device):
-    """(rows, columns, channels) of a tile, num_warps, num_stages (scripts/pairwise_triton_sweep.py
-    times the alternatives on a GPU)."""
-    if device.type != "cuda" or triton_interpret():
+def _blocks(x: torch.Tensor, Cs: int, Ct: int, precision: str):
+    """(rows, columns, channels) of a tile, num_warps, num_stages. Measured on an H200
+    (scripts/pairwise_triton_sweep.py, benchmarks/results/NVIDIA_H200/pairwise/sweep*.md): few
+    channels (C = 19) run fastest with 16-channel chunks and 4 warps, unpipelined (1.7x the
+    8-warp tile at ieee); many (128/512) with 64-channel chunks, two stages, and for bf16 128
+    columns. float64 (exactness and gradcheck only) keeps the tile it was tested with."""
+    if x.device.type != "cuda" or triton_interpret():
         return 16, 16, 16, 1, 1  # the interpreter: small tiles run fastest
-    return 64, 64, 16, 8, 1
-
-
+    if x.dtype == torch.float64:
+        return 64, 64, 16, 8, 1
+    if max(Cs, Ct) <= 32:
+        return 64, 64, 16, 4, 1
+    return 64, 128 if precision == "bf16" else 64, 64, 4, 2
 
 
 def _check(sa, ta, sb, tb, loss, temperature, eps, precision):
@@ -359,7 +364,7 @@ def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: Optio
     par = torch.tensor([1.0 / temperature, 0.0], dtype=acc, device=sa.device)
     rowloss = torch.empty((B, Na), dtype=acc, device=sa.device)
     stats = torch.empty((B, Na, 2) if loss == 1 else (0,), dtype=acc, device=sa.device)
-    BM, BN, BK, nw, ns = _blocks(sa.device)
+    BM, BN, BK, nw, ns = _blocks(sa, Cs, Ct, precision)
     wrap_triton(_pairwise_fwd_kernel)[(triton.cdiv(Na, BM), B)](
         sa, ta, sb, tb, ras, rat, rbs, rbt, par, rowloss, stats, Na, Nb, Cs, Ct,
         LOSS=int(loss), **_consts(sa, precision), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns)
@@ -404,7 +409,7 @@ def pairwise_similarity_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: tor
     go, do = buffers(o_s)
     grad_x = own_b and want_a
     gx, dx = buffers(x_s) if grad_x else (go, do)
-    BO, BX, BK, nw, ns = _blocks(sa.device)
+    BO, BX, BK, nw, ns = _blocks(sa, Cs, ta.shape[1], precision)
     ticks = torch.zeros((B, triton.cdiv(Nx, BX)) if grad_x else (0,), dtype=torch.int32, device=sa.device)
     wrap_triton(_pairwise_bwd_kernel)[(triton.cdiv(No, BO), B)](
         o_s, o_t, x_s, x_t, r_os, r_ot, r_xs, r_xt, par, stats, go, do, gx, dx, ticks, No, Nx, Cs, ta.shape[1],
