@@ -105,26 +105,28 @@ def temporal_calls(T=None):
 
 
 def pairwise_calls():
-    """Per precision: forward mse/kl, and the one-pass backward for self-similarity (owner rows,
-    both G terms) and for two tensors (owner columns, row side in ticket order)."""
+    """Per channel count (the tiles depend on it) and precision: forward mse/kl, and the one-pass
+    backward for self-similarity (owner rows, both G terms) and for two tensors (owner columns,
+    row side in ticket order)."""
     from tcloss._backends import pairwise_triton as P
     calls, out = [], []
     rec = lambda fn: _Recorder(fn, calls)  # noqa: E731
     # the CUDA tiles: _blocks asks the tensor's device
     cuda_blocks = lambda x, *a, f=P._blocks: f(types.SimpleNamespace(device=torch.device("cuda"), dtype=x.dtype), *a)  # noqa: E731,E501
-    B, C, N = 2, 64, 4096
-    x = lambda: _meta(B, C, N)  # noqa: E731
+    B, N = 2, 4096
     with _patched(P, wrap_triton=rec, _blocks=cuda_blocks, triton_interpret=lambda: False):
-        for prec in ("ieee", "tf32", "bf16"):
-            for loss, lname in ((0, "mse"), (1, "kl")):
-                n = len(calls)
-                _, stats = P.pairwise_similarity_fwd_triton._init_fn(x(), x(), x(), x(), loss, 1.0, 1e-8, False, prec)
-                out += [(f"fwd {lname}, {prec}", c) for c in calls[n:]]
-                for case, sb in (("self", None), ("cross", x)):
+        for Cs, Ct in ((19, 19), (128, 512)):
+            s, t = (lambda: _meta(B, Cs, N)), (lambda: _meta(B, Ct, N))  # noqa: E731
+            for prec in ("ieee", "tf32", "bf16"):
+                for loss, lname in ((0, "mse"), (1, "kl")):
                     n = len(calls)
-                    P.pairwise_similarity_bwd_triton._init_fn(_meta(), x(), x(), sb and sb(), sb and sb(), stats, loss,
-                                                              1.0, 1e-8, False, prec, True, True)
-                    out += [(f"bwd {lname} {case}, {prec}", c) for c in calls[n:]]
+                    _, stats = P.pairwise_similarity_fwd_triton._init_fn(s(), t(), s(), t(), loss, 1.0, 1e-8, False, prec)
+                    out += [(f"fwd {lname}, C {Cs}/{Ct}, {prec}", c) for c in calls[n:]]
+                    for case, two in (("self", False), ("cross", True)):
+                        n = len(calls)
+                        P.pairwise_similarity_bwd_triton._init_fn(_meta(), s(), t(), s() if two else None, t() if two else None,
+                                                                  stats, loss, 1.0, 1e-8, False, prec, True, True)
+                        out += [(f"bwd {lname} {case}, C {Cs}/{Ct}, {prec}", c) for c in calls[n:]]
     return out
 
 

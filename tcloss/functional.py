@@ -173,15 +173,19 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
         student_b, teacher_b: the column side (frame t+k for PF); N_b may differ from N_a.
         algorithm: ``"blocked"`` (tiles of S and T computed on the fly and discarded, O(N C)
             memory, both losses), ``"gram"`` (mse only: C x C Gram identity in float64,
-            O(N C^2)), ``"naive"`` (materialises S and T in PyTorch), ``"auto"`` (naive on the
-            reference backend and, on the CPU, where N_a N_b <= 4096 (C_s + C_t); else gram for
-            mse when C_s + C_t <= r min(N_a, N_b), r = 1 on the CPU and 2 on a GPU; else
-            blocked: the measured rule of tcloss._backends.pairwise.choose_algorithm).
+            O(N C^2)), ``"naive"`` (materialises S and T in PyTorch), ``"auto"`` (the fastest
+            as measured per device, except that on a GPU naive's maps are kept under ~7 GiB
+            (B N_a N_b <= 2^28): naive where the maps are small (CPU: N_a N_b <= 4096 (C_s +
+            C_t); GPU: N_a N_b <= 4096^2); else gram for mse when C_s + C_t <= r min(N_a, N_b),
+            r = 1 on the CPU and 2 on a GPU; else, on a GPU, naive where the channels are many
+            for the precision (C_s + C_t > 192 at ieee, 448 at tf32, 1024 at bf16); else blocked
+            (the rule and its measurements: tcloss._backends.pairwise.choose_algorithm).
         detach_norm: the norms are constants in backward (structured-distillation convention);
             otherwise the gradient through the normalisation is exact.
         backend: kernel of the blocked algorithm (``auto``/``cpp``/``cuda``/``triton``;
             ``reference`` runs naive/gram only). gram and naive are PyTorch on every device.
-            ``auto`` on a CUDA device with a ``precision`` other than ``"ieee"`` prefers triton.
+            ``auto`` on a CUDA device prefers triton (faster on an H200, and the only
+            tensor-core tiles).
         precision: the least accuracy of the blocked tiles the caller accepts (an exact result
             is always allowed). Relative to float64 (loss; gradients as a fraction of their
             largest entry), as tested: ``"ieee"`` (default: float32 accuracy; Triton computes
@@ -235,8 +239,8 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
     sa, ta, sb, tb = (flat[k].to(dt) for k in ("student_a", "teacher_a", "student_b", "teacher_b"))
     if student_b is None:  # one tensor for both sides: autograd sums their gradients before any conversion
         sb = sa
-    name = _pw.choose_backend(dev, backend, precision)
-    alg = _pw.choose_algorithm(algorithm, loss, name, dev.type, Na, Nb, Cs, Ct)
+    name = resolve("pairwise_similarity_loss", dev, backend)
+    alg = _pw.choose_algorithm(algorithm, loss, name, dev.type, Na, Nb, Cs, Ct, B, precision)
     kw = dict(detach_norm=detach_norm, eps=float(eps))
     sb_opt = None if student_b is None else sb
     tb_opt = None if teacher_b is None else tb

@@ -15,13 +15,11 @@ requested). The teacher is a constant. The Triton ops take one more argument, ``
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .._dtypes import acc_dtype
 from ..reference import pow2_scale
-from . import ENV_BACKEND, backend_status, register_op_pair, resolve
+from . import register_op_pair
 from . import fwd_op as _fwd_op
 
 LOSS = {"mse": 0, "kl": 1}
@@ -73,50 +71,57 @@ def fwd_op(backend: str):
     return _fwd_op("pairwise_similarity", "pairwise_triton", backend)
 
 
-OP = "pairwise_similarity_loss"
-
-
-@torch.compiler.assume_constant_result  # a trace-time decision, as resolve()
-def choose_backend(device: torch.device, backend: str, precision: str) -> str:
-    """:func:`tcloss._backends.resolve`, except that ``backend="auto"`` (no ``TCLOSS_BACKEND``) on
-    a CUDA device with a precision below ``"ieee"`` takes triton where available: its tiles are
-    the only tensor-core path (cpp and cuda compute exactly at every precision)."""
-    if (backend == "auto" and precision != "ieee" and device.type == "cuda"
-            and os.environ.get(ENV_BACKEND, "").strip() in ("", "auto") and backend_status("triton", OP, "cuda")[0]):
-        return "triton"
-    return resolve(OP, device, backend)
-
-
 # algorithm="auto". gram costs ~2 N (C_s+C_t)^2 against ~N_a N_b (C_s+C_t) for naive and
-# blocked, so its rule is on the ratio (C_s + C_t) / N; naive (the N x N maps in memory) is
-# chosen only on the CPU and only where the maps are small. The CPU constants come from
-# benchmarks/pairwise_auto_sweep.py (forward+backward, 2 threads; three runs, the last in
+# blocked, so its rule is on the ratio (C_s + C_t) / N.
+#
+# CPU (benchmarks/pairwise_auto_sweep.py, forward+backward, 2 threads; three runs, the last in
 # benchmarks/results/cpu/pairwise_auto.md; blocked / naive ranges over the three): blocked falls
 # behind naive where the maps are small (they stay in cache) and the channels many (the tiles'
 # GEMMs, recomputed in the backward, dominate): 0.97-1.34x at N = 256 for every C, 1.08-1.31x
 # at N = 576 and C 64/64, 1.18-1.65x up to N = 1024 at C 128/512; it is even or ahead beyond
 # (0.59-0.75x at N = 576, C 19/19; 0.82-1.01x at N = 1024, C 64/64; 0.83-0.97x at N = 2304,
 # C 128/512): naive up to N_a N_b = 4096 (C_s + C_t) pairs. gram was 1.41-1.56x behind naive at
-# C_s + C_t > N (C 128/512, N = 576), 0.90-0.96x at N = 1024, and ahead beyond. The GPU rule
-# (gram up to C_s + C_t = 2 N, else blocked) predates the H200 measurement that issue 14 still
-# owes.
+# C_s + C_t > N (C 128/512, N = 576), 0.90-0.96x at N = 1024, and ahead beyond.
+#
+# GPU (H200, benchmarks/results/NVIDIA_H200/pairwise/bench.md, B = 1, the Triton tiles): naive
+# is ahead of blocked and gram at N = 2304 for every C and loss (blocked 0.38-0.74x, gram
+# 0.78-0.89x): naive up to 4096^2 pairs. Beyond, mse takes gram (2.0-24x naive at N >= 8192,
+# C 128/512 and N = 32768, C 19/19; 0.85x at N = 8192, C 19/19). For kl blocked costs about
+# N_a N_b (a + b (C_s + C_t)) and naive N_a N_b (c + d (C_s + C_t)); from C 19/19 and 128/512
+# at N = 32768 (blocked 18.5 / 131 ms at ieee, 11.9 / 83 tf32, 9.95 / 53 bf16; naive 40.2 /
+# 71.0) they cross at C_s + C_t ~ 200 (ieee), ~460 (tf32) and beyond 1000 (bf16): blocked
+# below (1.10x naive at N = 8192, C 19/19; 2.15x at N = 32768), naive above, as long as its
+# maps are modest: naive's peak is ~28 bytes a pair (kl; 28 GiB at N = 32768), so above
+# 2^28 pairs (B N_a N_b; ~7 GiB) auto takes blocked whatever it costs in time (0.54x naive at
+# N = 32768, C 128/512, ieee), rather than run a 24-80 GB card out of memory.
 GRAM_MAX_CHANNEL_RATIO = {"cpu": 1.0, "other": 2.0}
 CPU_NAIVE_PAIRS_PER_CHANNEL = 4096
+GPU_NAIVE_PAIRS = 4096 * 4096
+GPU_NAIVE_MAX_PAIRS = 2 ** 28
+GPU_BLOCKED_MAX_CHANNELS = {"ieee": 192, "tf32": 448, "bf16": 1024}
 
 
 def choose_algorithm(algorithm: str, loss: str, backend: str, device_type: str, Na: int, Nb: int, Cs: int,
-                     Ct: int) -> str:
-    """The algorithm a call runs; ``auto``: naive on the reference backend, and on the CPU where
-    the maps are small (``N_a N_b <= 4096 (C_s + C_t)``); else gram for mse when ``C_s + C_t <=
-    r min(N_a, N_b)`` (r = 1 on the CPU, 2 elsewhere); else blocked."""
+                     Ct: int, B: int = 1, precision: str = "ieee") -> str:
+    """The algorithm a call runs; ``auto``: on the CPU naive where the maps are small (``N_a N_b
+    <= 4096 (C_s + C_t)``), else gram for mse when ``C_s + C_t <= min(N_a, N_b)``, else blocked;
+    on a GPU naive up to ``N_a N_b = 4096^2``, else gram for mse when ``C_s + C_t <= 2 min(N_a,
+    N_b)``, else naive where the channels are many for the precision (``GPU_BLOCKED_MAX_CHANNELS``)
+    and the maps modest (``B N_a N_b <= 2^28``), else blocked. The reference backend (no blocked
+    kernel) takes naive where blocked would be chosen."""
     if algorithm != "auto":
         return algorithm
     cpu = device_type == "cpu"
     C = Cs + Ct
-    small = cpu and Na * Nb <= CPU_NAIVE_PAIRS_PER_CHANNEL * C
-    if loss == "mse" and not small and C <= GRAM_MAX_CHANNEL_RATIO["cpu" if cpu else "other"] * min(Na, Nb):
+    if Na * Nb <= (CPU_NAIVE_PAIRS_PER_CHANNEL * C if cpu else GPU_NAIVE_PAIRS):
+        return "naive"
+    if loss == "mse" and C <= GRAM_MAX_CHANNEL_RATIO["cpu" if cpu else "other"] * min(Na, Nb):
         return "gram"
-    return "naive" if backend == "reference" or small else "blocked"
+    if backend == "reference":
+        return "naive"
+    if not cpu and C > GPU_BLOCKED_MAX_CHANNELS[precision] and B * Na * Nb <= GPU_NAIVE_MAX_PAIRS:
+        return "naive"
+    return "blocked"
 
 
 def row_scales(x: torch.Tensor, eps: float, detach_norm: bool, acc: torch.dtype) -> torch.Tensor:
