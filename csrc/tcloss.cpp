@@ -14,13 +14,12 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(tcloss, m) {
   // Fused temporal loss, eq. 1. mask_mode: 0 signed_sum, 1 l1, 2 l2. reduction: 0 none,
-  // 1 mean, 2 sum. With reduction mean/sum the forward can also return the gradients
-  // (scaled by 1 / the reduction), which backward multiplies by grad_output. Gradients not
-  // requested come back as empty (0,) tensors.
+  // 1 mean, 2 sum. The forward returns the loss; the backward recomputes the per-pixel terms
+  // and returns the gradients asked for, already multiplied by grad (dL/dloss), the others as
+  // empty (0,) tensors.
   m.def(
       "temporal_loss_fwd(Tensor pred_t, Tensor pred_tk, Tensor flow, Tensor img_t, Tensor img_tk, "
-      "bool on_prob, int mask_mode, float mask_power, bool zeros_padding, int reduction, "
-      "bool grad_pred_t, bool grad_pred_tk, bool grad_flow) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool on_prob, int mask_mode, float mask_power, bool zeros_padding, int reduction) -> Tensor");
   m.def(
       "temporal_loss_bwd(Tensor grad, Tensor pred_t, Tensor pred_tk, Tensor flow, Tensor img_t, "
       "Tensor img_tk, bool on_prob, int mask_mode, float mask_power, bool zeros_padding, "

@@ -115,22 +115,16 @@ inline double tl_grad_mul(const TLParams& P, int64_t reduction) {
 
 // The two schemas, written once over a device-specific run_kernels(T).
 template <typename Run>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_loss_fwd_impl(
-    Run run, const at::Tensor& pred_t, const at::Tensor& pred_tk, const at::Tensor& flow,
-    const at::Tensor& img_t, const at::Tensor& img_tk, bool on_prob, int64_t mask_mode,
-    double mask_power, bool zeros_padding, int64_t reduction, bool g_pt, bool g_ptk, bool g_flow) {
+at::Tensor temporal_loss_fwd_impl(Run run, const at::Tensor& pred_t, const at::Tensor& pred_tk,
+                                  const at::Tensor& flow, const at::Tensor& img_t, const at::Tensor& img_tk,
+                                  bool on_prob, int64_t mask_mode, double mask_power, bool zeros_padding,
+                                  int64_t reduction) {
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "tcloss: reduction must be 0 (none), 1 (mean) or 2 (sum)");
-  // Gradients in the forward pass only make sense for a scalar loss (they are then scaled by
-  // grad_output in backward); reduction="none" uses temporal_loss_bwd instead.
-  TORCH_CHECK(reduction != kNone || !(g_pt || g_ptk || g_flow),
-              "tcloss: temporal_loss_fwd computes gradients only for reduction mean/sum");
   TLTensors T = tl_prepare(pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power,
-                           zeros_padding, g_pt, g_ptk, g_flow);
-  T.grad_mul = tl_grad_mul(T.P, reduction);
+                           zeros_padding, false, false, false);
   T.loss_map = at::empty({T.P.B, T.P.H, T.P.W}, T.flow.options());
   run(T);
-  auto [gpt, gptk, gfl] = tl_grads(T, pred_t, flow);
-  return {tl_reduce(T.loss_map, reduction), gpt, gptk, gfl};
+  return tl_reduce(T.loss_map, reduction);
 }
 
 template <typename Run>

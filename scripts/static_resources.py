@@ -94,7 +94,7 @@ def temporal_calls(T=None):
             imgs = (_meta(B, 2, H, W), _meta(B, CI, H, W), _meta(B, CI, H, W))
             name = str(dt).replace("torch.", "")
             n = len(calls)
-            T.temporal_loss_fwd_triton._init_fn(pred(), pred(), *imgs, *opts, 1, False, False, False)
+            T.temporal_loss_fwd_triton._init_fn(pred(), pred(), *imgs, *opts, 1)
             out += [(f"fwd, {name}", c) for c in calls[n:]]
             for label, grad, red in (("bwd mean (GRAD_MODE 1)", _meta(), 1),
                                      ("bwd map (GRAD_MODE 2)", _meta(B, H, W), 0)):

@@ -136,10 +136,8 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
     if detach_target:
         pred_tk = pred_tk.detach()
     # forward: the loss only (gradients come from one recomputing pass in backward)
-    out = _tl.fwd_op(name)(pred_t, pred_tk, flow, img_t.detach(), img_tk.detach(), on == "prob",
-                           _tl.MASK_MODE[mask_mode], float(mask_power), padding == "zeros",
-                           _tl.REDUCTION[reduction], False, False, False)
-    return out[0]
+    return _tl.fwd_op(name)(pred_t, pred_tk, flow, img_t.detach(), img_tk.detach(), on == "prob",
+                            _tl.MASK_MODE[mask_mode], float(mask_power), padding == "zeros", _tl.REDUCTION[reduction])
 
 
 def _check_pairwise_input(name: str, t, device=None) -> None:

@@ -278,8 +278,8 @@ def test_opcheck_native():
     for t in (pt, ptk, fl):
         t.requires_grad_(True)
     op = torch.ops.tcloss.temporal_loss_fwd
-    torch.library.opcheck(op, (pt, ptk, fl, it, itk, True, 0, 1.0, False, 1, True, True, True))
-    torch.library.opcheck(op, (pt, ptk, fl, it, itk, False, 2, 2.0, True, 0, False, False, False))
+    torch.library.opcheck(op, (pt, ptk, fl, it, itk, True, 0, 1.0, False, 1))
+    torch.library.opcheck(op, (pt, ptk, fl, it, itk, False, 2, 2.0, True, 0))
     torch.library.opcheck(torch.ops.tcloss.temporal_loss_bwd,
                           (torch.rand(1, 4, 5, dtype=torch.float64), pt.detach(), ptk.detach(), fl.detach(), it, itk,
                            True, 1, 1.0, False, 0, True, True, True))

@@ -229,12 +229,11 @@ void run_cpu(TLTensors& T) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
-    const at::Tensor& pred_t, const at::Tensor& pred_tk, const at::Tensor& flow, const at::Tensor& img_t,
-    const at::Tensor& img_tk, bool on_prob, int64_t mask_mode, double mask_power, bool zeros_padding,
-    int64_t reduction, bool g_pt, bool g_ptk, bool g_flow) {
+at::Tensor fwd_cpu(const at::Tensor& pred_t, const at::Tensor& pred_tk, const at::Tensor& flow,
+                   const at::Tensor& img_t, const at::Tensor& img_tk, bool on_prob, int64_t mask_mode,
+                   double mask_power, bool zeros_padding, int64_t reduction) {
   return temporal_loss_fwd_impl(run_cpu, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power,
-                                zeros_padding, reduction, g_pt, g_ptk, g_flow);
+                                zeros_padding, reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(

@@ -320,7 +320,8 @@ def _scatter(gptk_ptr, off, a, emit, q, dq, sq, ON_PROB: tl.constexpr):
 
 
 def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power, zeros_padding,
-            reduction, g_pt, g_ptk, g_flow, write_loss=True):
+            reduction, g_pt, g_ptk, g_flow):
+    """The forward (grad None: the loss) or the backward (grad: the gradients asked for)."""
     if not (math.isfinite(mask_power) and mask_power >= 0):  # as the native ops' host check
         raise ValueError(f"tcloss: mask_power must be a finite non-negative number, got {mask_power}")
     if mask_power > 0:  # the scalar reaches the kernel as float32: keep it positive and finite there
@@ -331,6 +332,7 @@ def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask
     fl = flow.to(acc).contiguous()
     it, itk = saturate_to(img_t, acc).contiguous(), saturate_to(img_tk, acc).contiguous()
     CI = it.shape[1]
+    write_loss = grad is None
     loss = torch.empty((B, H, W) if write_loss else (1,), device=pt.device, dtype=acc)
     gpt = torch.empty_like(pt) if g_pt else None
     gptk = torch.zeros(pt.shape, device=pt.device, dtype=acc) if g_ptk else None
@@ -338,14 +340,14 @@ def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask
     any_grad = g_pt or g_ptk or g_flow
     if not any_grad:
         grad_mode = 0
-    elif grad is None or grad.numel() == 1:
+    elif grad.numel() == 1:
         grad_mode = 1
     else:
         grad_mode = 2
     n_pix = B * H * W
     mul = (1.0 / max(n_pix, 1)) if reduction == 1 else 1.0
     if grad_mode == 1:  # dL/dl_i, the same for every pixel
-        grad = (grad.to(acc).reshape(()) * mul) if grad is not None else torch.full((), mul, device=pt.device, dtype=acc)
+        grad = grad.to(acc).reshape(()) * mul
     elif grad_mode == 2:
         grad = grad.to(acc).contiguous()
     # one pixel per thread: every tensor of the kernel is a (BLOCK_P,) vector in one layout
@@ -385,14 +387,10 @@ def _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask
 @custom_op("tcloss::temporal_loss_fwd_triton", mutates_args=())
 def temporal_loss_fwd_triton(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tensor, img_t: torch.Tensor,
                              img_tk: torch.Tensor, on_prob: bool, mask_mode: int, mask_power: float,
-                             zeros_padding: bool, reduction: int, grad_pred_t: bool, grad_pred_tk: bool,
-                             grad_flow: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             zeros_padding: bool, reduction: int) -> torch.Tensor:
     """Same contract as the native ``tcloss::temporal_loss_fwd``."""
-    if reduction == 0 and (grad_pred_t or grad_pred_tk or grad_flow):
-        raise ValueError("temporal_loss_fwd computes gradients only for reduction mean/sum")
-    out, (a, b, c) = _launch(None, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power,
-                             zeros_padding, reduction, grad_pred_t, grad_pred_tk, grad_flow)
-    return out, a, b, c
+    return _launch(None, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power, zeros_padding,
+                   reduction, False, False, False)[0]
 
 
 @custom_op("tcloss::temporal_loss_bwd_triton", mutates_args=())
@@ -402,5 +400,5 @@ def temporal_loss_bwd_triton(grad: torch.Tensor, pred_t: torch.Tensor, pred_tk: 
                              grad_pred_tk: bool, grad_flow: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as the native ``tcloss::temporal_loss_bwd``."""
     _, grads = _launch(grad, pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power,
-                       zeros_padding, reduction, grad_pred_t, grad_pred_tk, grad_flow, write_loss=False)
+                       zeros_padding, reduction, grad_pred_t, grad_pred_tk, grad_flow)
     return grads
