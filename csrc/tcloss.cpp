@@ -1,6 +1,7 @@
 // Schemas of every native op (TORCH_LIBRARY) and the Python module stub that makes
-// `import tcloss._C` load this library. Kernels are registered per device in cpu/ and cuda/;
-// autograd and fake (meta) implementations are registered from Python (tcloss/_backends/).
+// `import tcloss._C` load this library. Kernels are registered per device in each op's folder
+// (<op>/<op>_cpu.cpp, <op>/<op>_cuda.cu); autograd and fake (meta) implementations are
+// registered from Python (tcloss/_backends/<op>.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,6 +1,7 @@
 // Device-independent host side of the blocked pair-wise similarity ops: checks, normalisation
 // to unit rows (O(N C), the only copies made), allocation, the final reduction and the backward
-// through the normalisation. cpu/pairwise.cpp and cuda/pairwise.cu provide the tile loops.
+// through the normalisation. pairwise_similarity_loss_cpu.cpp and pairwise_similarity_loss_cuda.cu
+// provide the tile loops.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -29,7 +30,7 @@
 #include <tuple>
 #include <utility>
 
-#include "kernels/pairwise.h"
+#include "pairwise_similarity_loss/pairwise_similarity_loss.h"
 
 namespace tcloss {
 
@@ -38,7 +39,7 @@ inline at::ScalarType pw_acc_type(at::ScalarType s) { return s == at::kDouble ? 
 
 // Per row of xt (B,N,C), the power of two 2^-e that brings max |x| into [0.5, 1) (e the frexp
 // exponent, clamped so that 2^-e stays a normal number: at most 2^126 in float32), (B,N,1).
-// Zero, infinite and NaN rows get 1. As tcloss.reference.pow2_scale (max |x| taken as
+// Zero, infinite and NaN rows get 1. As tcloss._math.pow2_scale (max |x| taken as
 // max(max x, -min x): no temporary of the size of x). The exponent is passed to ldexp in m's
 // dtype: with an integer exponent, torch < 2.6 computed 2^-e in float32 (2^-665, the scale of a
 // 1e200 row, was 0).

@@ -1,6 +1,6 @@
 // CUDA kernel of the blocked pair-wise similarity loss: a shared-memory tiled GEMM per tile of S
 // and T (16 x 16 threads, each an R x R register micro-tile; R = 4 in float, 2 in double), the
-// element math from kernels/pairwise.h, and no N x N buffer anywhere.
+// element math from pairwise_similarity_loss.h, and no N x N buffer anywhere.
 //   forward: one block per (row block, batch item) sweeps the column tiles; per-thread row
 //            states (sum of squares, or the online log-sum-exps for kl) are merged across the
 //            16 threads of a row with warp shuffles.
@@ -14,7 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../pairwise_host.h"
+#include "pairwise_similarity_loss/pairwise_similarity_loss_host.h"
 
 namespace tcloss {
 namespace {
