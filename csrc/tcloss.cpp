@@ -30,10 +30,10 @@ TORCH_LIBRARY(tcloss, m) {
   // statistics kept for backward ((B,Na,2) log-sum-exps for kl, (0,) for mse). Backward
   // recomputes the tiles and returns d student_a, d student_b ((0,) where not requested).
   m.def(
-      "pairwise_similarity_fwd(Tensor student_a, Tensor teacher_a, Tensor student_b, Tensor teacher_b, "
+      "pairwise_similarity_loss_fwd(Tensor student_a, Tensor teacher_a, Tensor student_b, Tensor teacher_b, "
       "int loss, float temperature, float eps, bool detach_norm) -> (Tensor, Tensor)");
   m.def(
-      "pairwise_similarity_bwd(Tensor grad, Tensor student_a, Tensor teacher_a, Tensor student_b, "
+      "pairwise_similarity_loss_bwd(Tensor grad, Tensor student_a, Tensor teacher_a, Tensor student_b, "
       "Tensor teacher_b, Tensor stats, int loss, float temperature, float eps, bool detach_norm, "
       "bool grad_a, bool grad_b) -> (Tensor, Tensor)");
   // Fused pointwise ConvLSTM cell, eq. 6 (supplement). gates (B,4Hd,h,w) in order i, f, g, o;

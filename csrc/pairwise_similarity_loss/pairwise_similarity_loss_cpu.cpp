@@ -173,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tcloss, CPU, m) {
-  m.impl("pairwise_similarity_fwd", &fwd_cpu);
-  m.impl("pairwise_similarity_bwd", &bwd_cpu);
+  m.impl("pairwise_similarity_loss_fwd", &fwd_cpu);
+  m.impl("pairwise_similarity_loss_bwd", &bwd_cpu);
 }
 
 }  // namespace tcloss

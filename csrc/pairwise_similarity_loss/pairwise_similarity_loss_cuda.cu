@@ -227,7 +227,7 @@ void run_fwd_cuda(PWTensors& T) {
   const c10::cuda::CUDAGuard guard(T.as.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const PWParams P = T.P;
-  TORCH_CHECK(P.B <= 65535, "tcloss: pairwise_similarity (cuda): batch size must be <= 65535");
+  TORCH_CHECK(P.B <= 65535, "tcloss: pairwise_similarity_loss (cuda): batch size must be <= 65535");
   AT_DISPATCH_FLOATING_TYPES(T.as.scalar_type(), "tcloss_pairwise_fwd_cuda", [&] {
     constexpr int R = TileCfg<scalar_t>::R, BM = TileCfg<scalar_t>::BM;
     const dim3 grid(static_cast<unsigned>(cdiv(P.Na, BM)), static_cast<unsigned>(P.B));
@@ -243,7 +243,7 @@ void run_bwd_cuda(PWTensors& T) {
   const c10::cuda::CUDAGuard guard(T.as.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const PWParams P = T.P;
-  TORCH_CHECK(P.B <= 65535, "tcloss: pairwise_similarity (cuda): batch size must be <= 65535");
+  TORCH_CHECK(P.B <= 65535, "tcloss: pairwise_similarity_loss (cuda): batch size must be <= 65535");
   AT_DISPATCH_FLOATING_TYPES(T.as.scalar_type(), "tcloss_pairwise_bwd_cuda", [&] {
     constexpr int R = TileCfg<scalar_t>::R, BM = TileCfg<scalar_t>::BM;
     const scalar_t* st = P.loss == kPairwiseKL ? T.stats.data_ptr<scalar_t>() : nullptr;
@@ -281,8 +281,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tcloss, CUDA, m) {
-  m.impl("pairwise_similarity_fwd", &fwd_cuda);
-  m.impl("pairwise_similarity_bwd", &bwd_cuda);
+  m.impl("pairwise_similarity_loss_fwd", &fwd_cuda);
+  m.impl("pairwise_similarity_loss_bwd", &bwd_cuda);
 }
 
 }  // namespace tcloss
