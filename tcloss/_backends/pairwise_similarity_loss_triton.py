@@ -339,6 +339,20 @@ def _check(sa, ta, sb, tb, loss, temperature, eps, precision):
         raise ValueError("pairwise_similarity_loss: the two sides must share the channel counts")
 
 
+def _sides(sa, ta, sb, tb, eps: float, detach_norm: bool):
+    """The set-up of both launchers: each side's inputs made contiguous with their row scales
+    (:func:`row_scales`, in the accumulation dtype), as ``(acc, (sa, ta, r_sa, r_ta), (sb, tb,
+    r_sb, r_tb))``. Self-similarity (``sb is None``): the column side is the row side itself, one
+    set of inputs and scales."""
+    acc = acc_dtype(sa.dtype)
+    sa, ta = sa.contiguous(), ta.contiguous()
+    rows = (sa, ta, row_scales(sa, eps, detach_norm, acc), row_scales(ta, eps, detach_norm, acc))
+    if sb is None:
+        return acc, rows, rows
+    sb, tb = sb.contiguous(), tb.contiguous()
+    return acc, rows, (sb, tb, row_scales(sb, eps, detach_norm, acc), row_scales(tb, eps, detach_norm, acc))
+
+
 def _consts(sa: torch.Tensor, precision: str):
     """Constexprs shared by both kernels: precision code (float64: exact), float64, interpreter."""
     f64 = sa.dtype == torch.float64
@@ -352,14 +366,7 @@ def pairwise_similarity_loss_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: 
     """The contract of the native ``tcloss::pairwise_similarity_loss_fwd``, plus: ``sb = tb = None`` is
     self-similarity (one set of inputs for rows and columns), and ``precision`` of the tiles."""
     _check(sa, ta, sb, tb, loss, temperature, eps, precision)
-    acc = acc_dtype(sa.dtype)
-    sa, ta = sa.contiguous(), ta.contiguous()
-    ras, rat = row_scales(sa, eps, False, acc), row_scales(ta, eps, False, acc)
-    if sb is None:
-        sb, tb, rbs, rbt = sa, ta, ras, rat
-    else:
-        sb, tb = sb.contiguous(), tb.contiguous()
-        rbs, rbt = row_scales(sb, eps, False, acc), row_scales(tb, eps, False, acc)
+    acc, (sa, ta, ras, rat), (sb, tb, rbs, rbt) = _sides(sa, ta, sb, tb, eps, False)
     B, Cs, Na = sa.shape
     Ct, Nb = ta.shape[1], sb.shape[2]
     par = torch.tensor([1.0 / temperature, 0.0], dtype=acc, device=sa.device)
@@ -381,18 +388,14 @@ def pairwise_similarity_loss_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta
     """The contract of the native ``tcloss::pairwise_similarity_loss_bwd`` (self-similarity: the whole
     gradient is d student_a), plus ``precision``; one pass over the tiles."""
     _check(sa, ta, sb, tb, loss, temperature, eps, precision)
-    acc = acc_dtype(sa.dtype)
     self_sim = sb is None
-    sa, ta = sa.contiguous(), ta.contiguous()
-    sb, tb = (sa, ta) if self_sim else (sb.contiguous(), tb.contiguous())
-    B, Cs, Na = sa.shape
-    Nb = sb.shape[2]
     want_a, want_b = grad_a, grad_b and not self_sim
     empty = sa.new_empty((0,))
     if not (want_a or want_b):
         return empty, empty
-    ras, rat = row_scales(sa, eps, detach_norm, acc), row_scales(ta, eps, detach_norm, acc)
-    rbs, rbt = (ras, rat) if self_sim else (row_scales(sb, eps, detach_norm, acc), row_scales(tb, eps, detach_norm, acc))
+    acc, (sa, ta, ras, rat), (sb, tb, rbs, rbt) = _sides(sa, ta, sb, tb, eps, detach_norm)
+    B, Cs, Na = sa.shape
+    Nb = sb.shape[2]
     denom = B * Na * (Nb if loss == 0 else 1)
     # c = dL/dloss / (#terms), without a host sync
     par = torch.stack([torch.full_like(grad, 1.0 / temperature, dtype=acc), grad.to(acc) / denom])
