@@ -42,14 +42,16 @@ def _ext_modules_and_cmdclass():
         print(f"tcloss: torch not importable ({e}); skipping the native extension", file=sys.stderr)
         return [], {}
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # csrc/tcloss.cpp (the schemas) and one folder per op, csrc/<op>/ (<op>_cpu.cpp, <op>_cuda.cu);
+    # csrc/common/ holds headers only.
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*", "*.cpp")))
     # TCLOSS_EXT_ONLY=temporal_loss,... builds only those ops' kernels (schemas are always built):
     # a fallback for bisecting a broken kernel file.
     only = [x for x in os.environ.get("TCLOSS_EXT_ONLY", "").split(",") if x]
 
     def keep(path):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        return not only or os.path.dirname(path) == "csrc" or stem in only
+        folder = os.path.dirname(path)
+        return not only or folder == "csrc" or os.path.basename(folder) in only
 
     sources = [p for p in sources if keep(p)]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -85,7 +87,7 @@ def _ext_modules_and_cmdclass():
         info["cuda_arch_list"] = os.environ["TORCH_CUDA_ARCH_LIST"]
         ext = ce.CUDAExtension(
             "tcloss._C",
-            sources + [p for p in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) if keep(p)],
+            sources + [p for p in sorted(glob.glob(os.path.join("csrc", "*", "*.cu"))) if keep(p)],
             include_dirs=include_dirs,
             define_macros=[("TCLOSS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},

@@ -1,5 +1,5 @@
 """The measurements behind ``algorithm="auto"`` of the pair-wise loss on the CPU
-(tcloss/_backends/pairwise.py: choose_algorithm): forward+backward of a self-similarity of B=1,
+(tcloss/_backends/pairwise_similarity_loss.py: choose_algorithm): forward+backward of a self-similarity of B=1,
 naive vs blocked-cpp (vs gram for mse), over N and (C_s, C_t), min of 5 interleaved rounds.
 
     python benchmarks/pairwise_auto_sweep.py [threads] > benchmarks/results/cpu/pairwise_auto.md
@@ -26,7 +26,7 @@ def main(threads: int) -> None:
           "min of 5 rounds, fwd+bwd, ms\n")
     print("| loss | C_s/C_t | N | naive | blocked-cpp | gram | blocked / naive | auto picks |")
     print("|---|---|---|---|---|---|---|---|")
-    from tcloss._backends import pairwise as pw
+    from tcloss._backends import pairwise_similarity_loss as pw
     for loss in ("kl", "mse"):
         for Cs, Ct in CHANNELS:
             for N in NS:

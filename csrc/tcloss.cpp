@@ -1,6 +1,7 @@
 // Schemas of every native op (TORCH_LIBRARY) and the Python module stub that makes
-// `import tcloss._C` load this library. Kernels are registered per device in cpu/ and cuda/;
-// autograd and fake (meta) implementations are registered from Python (tcloss/_backends/).
+// `import tcloss._C` load this library. Kernels are registered per device in each op's folder
+// (<op>/<op>_cpu.cpp, <op>/<op>_cuda.cu); autograd and fake (meta) implementations are
+// registered from Python (tcloss/_backends/<op>.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,10 +30,10 @@ TORCH_LIBRARY(tcloss, m) {
   // statistics kept for backward ((B,Na,2) log-sum-exps for kl, (0,) for mse). Backward
   // recomputes the tiles and returns d student_a, d student_b ((0,) where not requested).
   m.def(
-      "pairwise_similarity_fwd(Tensor student_a, Tensor teacher_a, Tensor student_b, Tensor teacher_b, "
+      "pairwise_similarity_loss_fwd(Tensor student_a, Tensor teacher_a, Tensor student_b, Tensor teacher_b, "
       "int loss, float temperature, float eps, bool detach_norm) -> (Tensor, Tensor)");
   m.def(
-      "pairwise_similarity_bwd(Tensor grad, Tensor student_a, Tensor teacher_a, Tensor student_b, "
+      "pairwise_similarity_loss_bwd(Tensor grad, Tensor student_a, Tensor teacher_a, Tensor student_b, "
       "Tensor teacher_b, Tensor stats, int loss, float temperature, float eps, bool detach_norm, "
       "bool grad_a, bool grad_b) -> (Tensor, Tensor)");
   // Fused pointwise ConvLSTM cell, eq. 6 (supplement). gates (B,4Hd,h,w) in order i, f, g, o;

@@ -2,7 +2,7 @@
 per precision, on self-similarities at the shapes of the benchmark's targets.
 
 Every configuration (tile rows, columns, channels, num_warps, num_stages; the launchers' choice
-is ``pairwise_triton._blocks``) is compiled first in parallel processes, which fill Triton's disk
+is ``pairwise_similarity_loss_triton._blocks``) is compiled first in parallel processes, which fill Triton's disk
 cache at the same specialisation (N divisible by 16, same channel counts), then timed one at a
 time in this process: median of ``triton.testing.do_bench``; beside them, the naive PyTorch
 fwd+bwd (materialises the N x N maps) on the same shape. Each row also gives the loss's
@@ -33,16 +33,16 @@ SHAPES = [("kl", 32768, 19, 19), ("kl", 8192, 128, 512)]
 
 
 def _calls(cfg, loss, N, Cs, Ct, prec, seed=0):
-    from tcloss._backends import pairwise_triton as P
+    from tcloss._backends import pairwise_similarity_loss_triton as P
     P._blocks = lambda *args: cfg
     g = torch.Generator(device="cuda").manual_seed(seed)
     sa = torch.randn(1, Cs, N, device="cuda", generator=g)
     ta = torch.randn(1, Ct, N, device="cuda", generator=g)
     L = 0 if loss == "mse" else 1
     one = torch.ones((), device="cuda")
-    fwd = lambda: P.pairwise_similarity_fwd_triton(sa, ta, None, None, L, 1.0, 1e-8, False, prec)  # noqa: E731
+    fwd = lambda: P.pairwise_similarity_loss_fwd_triton(sa, ta, None, None, L, 1.0, 1e-8, False, prec)  # noqa: E731
     value, stats = fwd()
-    bwd = lambda: P.pairwise_similarity_bwd_triton(one, sa, ta, None, None, stats, L, 1.0, 1e-8, False, prec,  # noqa: E731
+    bwd = lambda: P.pairwise_similarity_loss_bwd_triton(one, sa, ta, None, None, stats, L, 1.0, 1e-8, False, prec,  # noqa: E731
                                                      True, False)
     return fwd, bwd, value.item()
 

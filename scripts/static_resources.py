@@ -108,7 +108,7 @@ def pairwise_calls():
     """Per channel count (the tiles depend on it) and precision: forward mse/kl, and the one-pass
     backward for self-similarity (owner rows, both G terms) and for two tensors (owner columns,
     row side in ticket order)."""
-    from tcloss._backends import pairwise_triton as P
+    from tcloss._backends import pairwise_similarity_loss_triton as P
     calls, out = [], []
     rec = lambda fn: _Recorder(fn, calls)  # noqa: E731
     # the CUDA tiles: _blocks asks the tensor's device
@@ -120,18 +120,18 @@ def pairwise_calls():
             for prec in ("ieee", "tf32", "bf16"):
                 for loss, lname in ((0, "mse"), (1, "kl")):
                     n = len(calls)
-                    _, stats = P.pairwise_similarity_fwd_triton._init_fn(s(), t(), s(), t(), loss, 1.0, 1e-8, False, prec)
+                    _, stats = P.pairwise_similarity_loss_fwd_triton._init_fn(s(), t(), s(), t(), loss, 1.0, 1e-8, False, prec)
                     out += [(f"fwd {lname}, C {Cs}/{Ct}, {prec}", c) for c in calls[n:]]
                     for case, two in (("self", False), ("cross", True)):
                         n = len(calls)
-                        P.pairwise_similarity_bwd_triton._init_fn(_meta(), s(), t(), s() if two else None, t() if two else None,
+                        P.pairwise_similarity_loss_bwd_triton._init_fn(_meta(), s(), t(), s() if two else None, t() if two else None,
                                                                   stats, loss, 1.0, 1e-8, False, prec, True, True)
                         out += [(f"bwd {lname} {case}, C {Cs}/{Ct}, {prec}", c) for c in calls[n:]]
     return out
 
 
 def convlstm_calls():
-    from tcloss._backends import convlstm_triton as L
+    from tcloss._backends import convlstm_cell_triton as L
     calls, out = [], []
     B, Hd, H, W = 4, 64, 64, 128
     with _patched(L, wrap_triton=lambda fn: _Recorder(fn, calls)):

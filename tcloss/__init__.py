@@ -3,16 +3,11 @@ segmentation (Liu et al., "Efficient Semantic Video Segmentation with Per-frame 
 ECCV 2020). See README.md for the API and the backend table."""
 from . import _backends
 from ._backends import available_backends, backend_status
-from ._backends import temporal_loss as _temporal_loss_glue
-from ._backends import pairwise as _pairwise_glue
-from ._backends import convlstm as _convlstm_glue
 from .functional import flow_warp, occlusion_mask, temporal_loss
 from .functional import pairwise_similarity_loss, pixelwise_kd
 from .functional import convlstm_cell
 
-_temporal_loss_glue.register()
-_pairwise_glue.register()
-_convlstm_glue.register()
+_backends.register_ops()
 _backends.warn_if_build_incomplete()
 
 from . import metrics, nn, reference  # noqa: E402

@@ -1,6 +1,7 @@
-"""The argument checks shared by the functional API (tcloss.functional), the modules (tcloss.nn)
-and the backend registry: every option is checked by one of these, so a value is refused (or
-accepted) the same way whatever entry point it came through.
+"""The argument checks shared by the functional API (tcloss.functional), the modules (tcloss.nn),
+the ops' glue modules (tcloss/_backends/<op>.py: ``check_options``) and the backend registry:
+every option is checked by one of these, so a value is refused (or accepted) the same way
+whatever entry point it came through.
 
 Convention: a value of the wrong type is a ``TypeError``, a value of the right type outside its
 range (or not one of the choices) a ``ValueError``; every message names the argument and what
@@ -13,10 +14,8 @@ import numbers
 
 import torch
 
-from . import reference
-
 __all__ = ["check_tensor", "check_choice", "check_bool", "check_real", "check_positive_int", "check_backend",
-           "check_temporal_options", "check_pairwise_options", "check_kd_options"]
+           "check_kd_options"]
 
 
 def check_tensor(name: str, t, ndim: int | None = None, floating: bool = True) -> None:
@@ -76,31 +75,7 @@ def check_backend(backend) -> None:
     check_choice("backend", backend, ("auto",) + BACKENDS)
 
 
-# --- the options of each op, checked by the function and by its module alike --------------------
-
-def check_temporal_options(on, mask_mode, mask_power, padding, reduction, detach_target, backend) -> None:
-    """Options of temporal_loss / nn.TemporalLoss."""
-    check_choice("on", on, ("prob", "logit"))
-    check_choice("mask_mode", mask_mode, reference.MASK_MODES)
-    check_choice("padding", padding, reference.PADDINGS)
-    check_choice("reduction", reduction, reference.REDUCTIONS)
-    check_real("mask_power", mask_power, minimum=0)
-    check_bool("detach_target", detach_target)
-    check_backend(backend)
-
-
-def check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend, precision) -> None:
-    """Options of pairwise_similarity_loss / nn.PairwiseSimilarityLoss."""
-    check_choice("loss", loss, reference.PAIRWISE_LOSSES)
-    check_choice("algorithm", algorithm, reference.PAIRWISE_ALGORITHMS)
-    check_choice("precision", precision, reference.PAIRWISE_PRECISIONS)
-    check_real("temperature", temperature, minimum=0, strict=True)
-    check_real("eps", eps, minimum=0)
-    check_bool("detach_norm", detach_norm)
-    check_backend(backend)
-    if loss == "kl" and algorithm == "gram":
-        raise ValueError("algorithm='gram' is an identity for loss='mse' only; use 'blocked' or 'naive' for 'kl'")
-
+# --- options without a glue module (each op's own: tcloss/_backends/<op>.py: check_options) -------
 
 def check_kd_options(temperature) -> None:
     """Options of pixelwise_kd / nn.PixelwiseKD."""

@@ -1,16 +1,21 @@
-"""User-facing functions: argument checks, then dispatch to a backend (see tcloss._backends)."""
+"""User-facing functions: argument checks, then dispatch to a backend (see tcloss._backends).
+
+Each op's options, their checks and its PyTorch paths live in its module ``tcloss/_backends/<op>.py``;
+this module imports :mod:`tcloss.reference` for the ``reference`` backend (and the pair-wise
+loss's ``naive`` algorithm, which is the reference) only.
+"""
 from __future__ import annotations
 
 import torch
 
+from . import _math
 from . import reference
 from ._dtypes import acc_dtype
 from ._backends import resolve
-from ._checks import (check_choice, check_kd_options, check_pairwise_options, check_temporal_options,
-                      check_tensor)
+from ._checks import check_choice, check_kd_options, check_tensor
 from ._backends import temporal_loss as _tl
-from ._backends import pairwise as _pw
-from ._backends import convlstm as _cl
+from ._backends import pairwise_similarity_loss as _pw
+from ._backends import convlstm_cell as _cl
 
 __all__ = ["flow_warp", "occlusion_mask", "temporal_loss", "pairwise_similarity_loss", "pixelwise_kd",
            "convlstm_cell"]
@@ -60,8 +65,8 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor, *, padding: str = "border") -
     _check_tensor("x", x, 4)
     B, _, H, W = x.shape
     _check_flow(flow, B, H, W, x.device)
-    _check_choice("padding", padding, reference.PADDINGS)
-    return reference.flow_warp(x, flow, padding)
+    _check_choice("padding", padding, _tl.PADDINGS)
+    return _math.flow_warp(x, flow, padding)
 
 
 def occlusion_mask(img_t: torch.Tensor, img_tk: torch.Tensor, flow: torch.Tensor, *, mode: str = "signed_sum",
@@ -78,9 +83,9 @@ def occlusion_mask(img_t: torch.Tensor, img_tk: torch.Tensor, flow: torch.Tensor
     _check_tensor("img_tk", img_tk, 4)
     if img_tk.shape != img_t.shape:
         raise ValueError(f"img_tk must have the shape of img_t {tuple(img_t.shape)}, got {tuple(img_tk.shape)}")
-    _check_choice("mode", mode, reference.MASK_MODES)
-    _check_choice("padding", padding, reference.PADDINGS)
-    return reference.occlusion_mask(img_t, img_tk, flow, mode=mode, padding=padding)
+    _check_choice("mode", mode, _tl.MASK_MODES)
+    _check_choice("padding", padding, _tl.PADDINGS)
+    return _math.occlusion_mask(img_t, img_tk, flow, mode=mode, padding=padding)
 
 
 def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tensor, img_t: torch.Tensor,
@@ -123,7 +128,7 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
         raise ValueError("pred_t must have at least one channel")
     _check_flow(flow, B, H, W, pred_t.device)
     _check_images(img_t, img_tk, B, H, W, pred_t.device)
-    check_temporal_options(on, mask_mode, mask_power, padding, reduction, detach_target, backend)
+    _tl.check_options(on, mask_mode, mask_power, padding, reduction, detach_target, backend)
     if pred_tk.dtype != pred_t.dtype:  # e.g. mixed autocast outputs: compute in the wider type
         dt = torch.promote_types(pred_t.dtype, pred_tk.dtype)
         pred_t, pred_tk = pred_t.to(dt), pred_tk.to(dt)
@@ -136,8 +141,8 @@ def temporal_loss(pred_t: torch.Tensor, pred_tk: torch.Tensor, flow: torch.Tenso
     if detach_target:
         pred_tk = pred_tk.detach()
     # forward: the loss only (gradients come from one recomputing pass in backward)
-    return _tl.fwd_op(name)(pred_t, pred_tk, flow, img_t.detach(), img_tk.detach(), on == "prob",
-                            _tl.MASK_MODE[mask_mode], float(mask_power), padding == "zeros", _tl.REDUCTION[reduction])
+    return _tl.fwd_op(name)(pred_t, pred_tk, flow, img_t.detach(), img_tk.detach(),
+                            *_tl.kernel_options(on, mask_mode, mask_power, padding, reduction))
 
 
 def _check_pairwise_input(name: str, t, device=None) -> None:
@@ -177,7 +182,7 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
             C_t); GPU: N_a N_b <= 4096^2); else gram for mse when C_s + C_t <= r min(N_a, N_b),
             r = 1 on the CPU and 2 on a GPU; else, on a GPU, naive where the channels are many
             for the precision (C_s + C_t > 192 at ieee, 448 at tf32, 1024 at bf16); else blocked
-            (the rule and its measurements: tcloss._backends.pairwise.choose_algorithm).
+            (the rule and its measurements: tcloss._backends.pairwise_similarity_loss.choose_algorithm).
         detach_norm: the norms are constants in backward (structured-distillation convention);
             otherwise the gradient through the normalisation is exact.
         backend: kernel of the blocked algorithm (``auto``/``cpp``/``cuda``/``triton``;
@@ -195,7 +200,7 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
 
     Gradients flow into the students only; teachers that require grad are an error (detach them).
     Returns float32 (float64 for float64 inputs). Norms are taken of rows scaled by a power of two
-    (:func:`tcloss.reference.unit_vectors`), so large finite features keep exact cosines. The
+    (:func:`tcloss._math.unit_vectors`), so large finite features keep exact cosines. The
     blocked kernels refuse double backward (a RuntimeError); naive and gram are plain autograd.
     """
     _check_pairwise_input("student_a", student_a)
@@ -228,7 +233,7 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but the teacher is a constant of the distillation loss: "
                                  f"pass {name}.detach()")
-    check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend, precision)
+    _pw.check_options(loss, temperature, algorithm, detach_norm, eps, backend, precision)
 
     # Mixed dtypes (e.g. an fp16 teacher): compute in the widest.
     dt = student_a.dtype
@@ -242,14 +247,14 @@ def pairwise_similarity_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, s
     kw = dict(detach_norm=detach_norm, eps=float(eps))
     sb_opt = None if student_b is None else sb
     tb_opt = None if teacher_b is None else tb
-    if alg == "naive":
+    if alg == "naive":  # the naive algorithm is the reference implementation itself
         return reference.pairwise_similarity_loss(sa, ta, sb_opt, tb_opt, loss=loss, temperature=float(temperature), **kw)
     if alg == "gram":
-        return reference.pairwise_similarity_loss_gram(sa, ta, sb_opt, tb_opt, **kw)
+        return _pw.gram_loss(sa, ta, sb_opt, tb_opt, **kw)
     if name == "reference":
         raise ValueError("algorithm='blocked' needs a kernel backend (cpp, cuda or triton); the reference backend "
                          "implements 'naive' and 'gram'")
-    args = (_pw.LOSS[loss], float(temperature), float(eps), detach_norm)
+    args = _pw.kernel_options(loss, temperature, eps, detach_norm)
     if name == "triton":  # self-similarity: one set of inputs (None, None), and the precision
         self_sim = student_b is None and teacher_b is None
         return _pw.fwd_op(name)(sa, ta.detach(), None if self_sim else sb, None if self_sim else tb.detach(), *args,

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from . import functional as F
-from . import reference
-from ._checks import (check_backend, check_bool, check_choice, check_kd_options, check_pairwise_options,
-                      check_positive_int, check_real, check_temporal_options, check_tensor)
+from ._backends import pairwise_similarity_loss as _pw
+from ._backends import temporal_loss as _tl
+from ._checks import (check_backend, check_bool, check_choice, check_kd_options, check_positive_int, check_real,
+                      check_tensor)
 
 __all__ = ["TemporalLoss", "PairwiseSimilarityLoss", "PixelwiseKD", "ConvLSTMCell", "ConvLSTM",
            "MultiFrameDistillation"]
@@ -25,7 +26,7 @@ class TemporalLoss(nn.Module):
                  padding: str = "border", detach_target: bool = False, reduction: str = "mean",
                  backend: str = "auto"):
         super().__init__()
-        check_temporal_options(on, mask_mode, mask_power, padding, reduction, detach_target, backend)
+        _tl.check_options(on, mask_mode, mask_power, padding, reduction, detach_target, backend)
         self.on, self.mask_mode, self.mask_power = on, mask_mode, mask_power
         self.padding, self.detach_target, self.reduction, self.backend = padding, detach_target, reduction, backend
 
@@ -49,7 +50,7 @@ class PairwiseSimilarityLoss(nn.Module):
     def __init__(self, *, loss: str = "mse", temperature: float = 1.0, algorithm: str = "auto",
                  detach_norm: bool = False, eps: float = 1e-8, backend: str = "auto", precision: str = "ieee"):
         super().__init__()
-        check_pairwise_options(loss, temperature, algorithm, detach_norm, eps, backend, precision)
+        _pw.check_options(loss, temperature, algorithm, detach_norm, eps, backend, precision)
         self.loss, self.temperature, self.algorithm = loss, temperature, algorithm
         self.detach_norm, self.eps, self.backend, self.precision = detach_norm, eps, backend, precision
 
@@ -314,7 +315,7 @@ class MultiFrameDistillation(nn.Module):
                 f = f.float()
             if self.pool is not None:
                 f = torch.nn.functional.adaptive_avg_pool2d(f, self.pool)
-            out.append(reference.mf_self_similarity(f, self.eps).unsqueeze(1))
+            out.append(_pw.mf_self_similarity(f, self.eps).unsqueeze(1))
         return out
 
     def states(self, student_feats, teacher_feats):

@@ -8,6 +8,7 @@ import torch.nn.functional as TF
 
 import tcloss
 from tcloss import reference as R
+from tcloss._backends import pairwise_similarity_loss as PW
 from conftest import HAS_CUDA, INTERPRET, TOL, kernel_params
 
 KERNELS = kernel_params("convlstm_cell")
@@ -448,7 +449,7 @@ def test_opcheck_native():
 @pytest.mark.triton
 @pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="Triton needs CUDA or TRITON_INTERPRET=1")
 def test_opcheck_triton():
-    from tcloss._backends import convlstm_triton as ct
+    from tcloss._backends import convlstm_cell_triton as ct
     device = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
     gates, c, p = make_inputs(2, 2, 3, 4, peep="channel", dtype=torch.float32, device=device)
     peep = torch.stack([w.expand(2, 3, 4) for w in p]).contiguous()
@@ -609,9 +610,9 @@ def test_mf_similarity_of_large_finite_features():
     at unit scale, not an all-zero map."""
     f = torch.randn(2, 5, 4, 4, generator=torch.Generator().manual_seed(3))
     f = f / f.abs().max()
-    want = R.mf_self_similarity(f.double())
+    want = PW.mf_self_similarity(f.double())
     for sc in (1.0, 1e20, 3e38):
-        got = R.mf_self_similarity(f * sc)
+        got = PW.mf_self_similarity(f * sc)
         torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
     mf = tcloss.nn.MultiFrameDistillation(pool=None, backend="reference")
     a = mf.similarity_maps([f * 1e20])[0]

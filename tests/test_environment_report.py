@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import subprocess
 import sys
 
@@ -92,9 +93,9 @@ def test_triton_module_that_does_not_import_makes_the_triton_backend_unavailable
         pytest.skip("triton is not importable here: the backend reports that instead")
     monkeypatch.setattr(B, "_REGISTERED", set(B._REGISTERED))
     monkeypatch.setattr(B, "_TRITON_IMPORT_ERROR", dict(B._TRITON_IMPORT_ERROR))
-    B.register_op_pair("no_such_stem", "no_such_triton_module", None, None, None)
-    why = B._TRITON_IMPORT_ERROR["no_such_stem"]
-    assert "do not load with torch" in why and "no_such_triton_module" in why
+    B.register_op_pair("no_such_op", None, None, None)  # its Triton module: _backends/no_such_op_triton.py
+    why = B._TRITON_IMPORT_ERROR["no_such_op"]
+    assert "do not load with torch" in why and "no_such_op_triton" in why
     # the reason reaches the report and the error of an explicit backend="triton"
     monkeypatch.setitem(B._TRITON_IMPORT_ERROR, "temporal_loss", why)
     assert B.available_backends(verbose=True)["temporal_loss"]["cuda"]["triton"] == why
@@ -123,9 +124,37 @@ def test_import_boundaries():
             "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "", out.stdout
-    tree = ast.parse(inspect.getsource(tcloss.reference))
+    kernels = ("_backends", "tcloss._backends", "tcloss._C", "_C", "triton")
+    for oracle in (tcloss.reference, tcloss._math):  # the oracle, and the definitions it shares
+        imported = _imports(inspect.getsource(oracle))
+        assert not any(m.startswith(kernels) for m in imported), (oracle.__name__, imported)
+
+
+def _imports(source: str, package: str = "tcloss") -> set:
+    """The modules and names ``source`` (a module of ``package``) imports, as dotted names
+    (``from . import reference`` -> ``reference``, ``from ..reference import x`` -> ``reference.x``)."""
+    tree = ast.parse(source)
     imported = {f"{n.module or ''}.{a.name}".lstrip(".") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                 for a in n.names}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    kernels = ("_backends", "tcloss._backends", "tcloss._C", "_C", "triton")
-    assert not any(m.startswith(kernels) for m in imported), imported
+    return {m[len(package) + 1:] if m.startswith(package + ".") else m for m in imported}
+
+
+def test_only_the_reference_backend_imports_the_oracle():
+    """tcloss.reference is the test oracle and the reference backend: no module of the package
+    imports it but the one that dispatches backend="reference" (and algorithm="naive", the
+    reference itself) and the package's __init__, which exposes it as tcloss.reference."""
+    root = os.path.dirname(tcloss.__file__)
+    allowed = {"__init__.py", "functional.py", "reference.py"}
+    importers = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            if not name.endswith(".py") or rel in allowed:
+                continue
+            with open(path) as f:
+                imported = _imports(f.read())
+            if any(m == "reference" or m.startswith("reference.") for m in imported):
+                importers.append(rel)
+    assert importers == [], importers

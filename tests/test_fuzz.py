@@ -37,6 +37,8 @@ from hypothesis import strategies as st
 import tcloss
 from tcloss import reference as R
 from tcloss import _backends
+from tcloss._backends import pairwise_similarity_loss as PW
+from tcloss._backends import temporal_loss as TL
 from conftest import INTERPRET, TOL
 
 # ------------------------------------------------------------------------- profiles -------------
@@ -529,7 +531,7 @@ def test_fuzz_flow_warp_and_occlusion_mask(data):
     mw = occlusion64(it0.double(), itk0.double(), fl0.to(dt).double(), mode, padding)
     # V = exp(-r): an absolute error dr of r is a relative error dr of V. The warp goes through
     # grid_sample's normalised grid, which leaves weights of ~1e-7 (float32 eps) on the neighbours
-    # of an integer sample point (documented in reference.flow_warp): with images of ~3e38 that
+    # of an integer sample point (documented in tcloss._math.flow_warp): with images of ~3e38 that
     # alone moves r by far more than 1, so V is only bounded there.
     gs_err = 4 * torch.finfo(torch.float32).eps * C * max(finite_absmax(it0), finite_absmax(itk0))
     check_close(m, mw, atol + (pos_err + eps) * 8 * C + gs_err, rtol + (pos_err + eps) * 8 * C * 4, "occlusion_mask")
@@ -1036,10 +1038,10 @@ def _pw_inputs():
     return torch.randn(1, 3, 6, generator=g), torch.randn(1, 4, 6, generator=g)
 
 
-TL_OPTS = {"on": bad_choice(("prob", "logit")), "mask_mode": bad_choice(R.MASK_MODES),
-           "padding": bad_choice(R.PADDINGS), "reduction": bad_choice(R.REDUCTIONS),
+TL_OPTS = {"on": bad_choice(("prob", "logit")), "mask_mode": bad_choice(TL.MASK_MODES),
+           "padding": bad_choice(TL.PADDINGS), "reduction": bad_choice(TL.REDUCTIONS),
            "mask_power": bad_real(0), "detach_target": bad_bool(), "backend": bad_choice(BACKEND_CHOICES)}
-PW_OPTS = {"loss": bad_choice(R.PAIRWISE_LOSSES), "algorithm": bad_choice(R.PAIRWISE_ALGORITHMS),
+PW_OPTS = {"loss": bad_choice(PW.LOSSES), "algorithm": bad_choice(PW.ALGORITHMS),
            "temperature": bad_real(0, strict=True), "eps": bad_real(0), "detach_norm": bad_bool(),
            "backend": bad_choice(BACKEND_CHOICES)}
 
@@ -1058,9 +1060,9 @@ def _entry_points():
         "pixelwise_kd": (lambda **kw: tcloss.pixelwise_kd(x, fl, **kw), {"temperature": bad_real(0, strict=True)}),
         "nn.PixelwiseKD": (lambda **kw: tcloss.nn.PixelwiseKD(**kw)(x, fl), {"temperature": bad_real(0, strict=True)}),
         "convlstm_cell": (lambda **kw: tcloss.convlstm_cell(gates, c, **kw), {"backend": bad_choice(BACKEND_CHOICES)}),
-        "flow_warp": (lambda **kw: tcloss.flow_warp(x, fl, **kw), {"padding": bad_choice(R.PADDINGS)}),
+        "flow_warp": (lambda **kw: tcloss.flow_warp(x, fl, **kw), {"padding": bad_choice(TL.PADDINGS)}),
         "occlusion_mask": (lambda **kw: tcloss.occlusion_mask(x, x, fl, **kw),
-                           {"mode": bad_choice(R.MASK_MODES), "padding": bad_choice(R.PADDINGS)}),
+                           {"mode": bad_choice(TL.MASK_MODES), "padding": bad_choice(TL.PADDINGS)}),
         "nn.ConvLSTMCell": (lambda **kw: tcloss.nn.ConvLSTMCell(**{"in_channels": 1, "hidden_channels": 2, **kw}),
                             {"in_channels": bad_positive_int(), "hidden_channels": bad_positive_int(),
                              # a list / tuple of the wrong length is a ValueError of nn._pair
@@ -1129,8 +1131,8 @@ def valid_real(lo, hi):
 @given(data=st.data())
 def test_fuzz_valid_option_values_temporal(data):
     d = data.draw
-    kw = dict(on=d(st.sampled_from(["prob", "logit"])), mask_mode=d(st.sampled_from(R.MASK_MODES)),
-              padding=d(st.sampled_from(R.PADDINGS)), reduction=d(st.sampled_from(R.REDUCTIONS)),
+    kw = dict(on=d(st.sampled_from(["prob", "logit"])), mask_mode=d(st.sampled_from(TL.MASK_MODES)),
+              padding=d(st.sampled_from(TL.PADDINGS)), reduction=d(st.sampled_from(TL.REDUCTIONS)),
               mask_power=d(valid_real(0, 4)), detach_target=d(st.sampled_from([True, False, np.bool_(True)])))
     backend = d(st.sampled_from(["auto", "reference"] + (["cpp"] if HAS_CPP["temporal_loss"] else [])))
     tl = _tl_inputs()
@@ -1146,7 +1148,7 @@ def test_fuzz_valid_option_values_temporal(data):
 @given(data=st.data())
 def test_fuzz_valid_option_values_pairwise_kd(data):
     d = data.draw
-    loss = d(st.sampled_from(R.PAIRWISE_LOSSES))
+    loss = d(st.sampled_from(PW.LOSSES))
     algorithm = d(st.sampled_from(["auto", "naive"] + (["gram"] if loss == "mse" else [])))
     kw = dict(loss=loss, algorithm=algorithm, temperature=d(valid_real(0.05, 5).filter(lambda v: v > 0)),
               eps=d(valid_real(0, 1e-3)), detach_norm=d(st.sampled_from([True, False, np.bool_(False)])))

@@ -11,7 +11,7 @@ import tcloss
 from tcloss import reference as R
 from tcloss import backend_status
 from tcloss._backends import triton_interpret
-from tcloss._backends import pairwise as pw
+from tcloss._backends import pairwise_similarity_loss as pw
 
 from conftest import kernel_params
 
@@ -295,10 +295,10 @@ def test_opcheck(backend, device):
     sa, ta, sb, tb = make(B=2, Cs=3, Ct=4, Na=7, Nb=5, device=device, dtype=torch.float32)
     sa, sb = sa.detach().requires_grad_(), sb.detach().requires_grad_()
     if backend == "triton":
-        from tcloss._backends import pairwise_triton as pt
-        op = pt.pairwise_similarity_fwd_triton
+        from tcloss._backends import pairwise_similarity_loss_triton as pt
+        op = pt.pairwise_similarity_loss_fwd_triton
     else:
-        op = torch.ops.tcloss.pairwise_similarity_fwd.default
+        op = torch.ops.tcloss.pairwise_similarity_loss_fwd.default
     # The Triton interpreter cannot run kernels on the functional tensors of aot_dispatch: on CPU
     # only the schema/fake/autograd-registration checks; everything on a GPU.
     utils = ("test_schema", "test_faketensor", "test_autograd_registration") if (
@@ -313,9 +313,9 @@ def test_opcheck(backend, device):
     _, stats = op(sa, ta, sb, tb, 1, 0.8, 1e-8, False, *extra)
     g = torch.ones((), device=device)
     if backend == "triton":
-        bwd = pt.pairwise_similarity_bwd_triton
+        bwd = pt.pairwise_similarity_loss_bwd_triton
     else:
-        bwd = torch.ops.tcloss.pairwise_similarity_bwd.default
+        bwd = torch.ops.tcloss.pairwise_similarity_loss_bwd.default
     torch.library.opcheck(bwd,
                           (g, sa.detach(), ta, sb.detach(), tb, stats, 1, 0.8, 1e-8, False, *extra, True, True),
                           test_utils=("test_schema", "test_faketensor"))  # bwd: its autograd only refuses
@@ -559,7 +559,7 @@ def test_native_op_refuses_non_finite_options():
     if not _avail("cpp", "cpu"):
         pytest.skip("tcloss._C not built")
     sa, ta, sb, tb = (x.detach() for x in make())
-    op = torch.ops.tcloss.pairwise_similarity_fwd
+    op = torch.ops.tcloss.pairwise_similarity_loss_fwd
     with pytest.raises(RuntimeError, match="temperature must be a finite positive"):
         op(sa, ta, sb, tb, 1, float("inf"), 1e-8, False)
     with pytest.raises(RuntimeError, match="eps must be a finite non-negative"):
@@ -666,7 +666,7 @@ def test_pixelwise_kd_options_and_empty_batch():
 
 # precision -> (loss, gradient) bound relative to float64 (the gradient's as a fraction of its
 # largest entry). Measured under the interpreter, which emulates the tensor cores' operand
-# rounding (tcloss._backends.pairwise_triton._mma; TF32 truncated, the worst case), at C 5/3 to
+# rounding (tcloss._backends.pairwise_similarity_loss_triton._mma; TF32 truncated, the worst case), at C 5/3 to
 # 64/32, N 20-33, tau 1 and 0.1: ieee <= 6e-6 / 2e-6 (the float32 KL cancellation: the exact
 # cpp kernel shows the same 5.7e-6), tf32 <= 3.8e-3 / 3.4e-3, bf16 <= 3.0e-2 / 2.5e-2.
 PRECISION_BOUND = {"ieee": (1e-5, 1e-4), "tf32": (1e-2, 1e-2), "bf16": (1e-1, 1e-1)}
@@ -712,8 +712,8 @@ def test_precision_ignored_where_exact(precision):
 def test_auto_backend_on_cuda_prefers_triton():
     """backend="auto" on CUDA tensors takes triton first: faster than the cuda kernel on the H200
     at every N >= 8192, and the only tensor-core tiles (a precision below ieee reaches them)."""
-    from tcloss._backends import AUTO_CUDA_ORDER
-    assert AUTO_CUDA_ORDER["pairwise_similarity_loss"][0] == "triton"
+    from tcloss._backends import OPS
+    assert OPS["pairwise_similarity_loss"][0] == "triton"
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)

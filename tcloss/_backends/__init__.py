@@ -5,8 +5,13 @@ Backends: ``reference`` (pure PyTorch, always), ``cpp`` (C++ CPU kernels in ``tc
 kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
 ``backend="auto"`` picks per device: CUDA tensors -> the preferred of cuda / triton for that op
-(``AUTO_CUDA_ORDER``, from GPU measurements) that is available, else reference; CPU tensors ->
+(its entry in ``OPS``, from GPU measurements) that is available, else reference; CPU tensors ->
 cpp if built, else reference. ``TCLOSS_BACKEND`` overrides ``auto``.
+
+One stem per op names everything of it: the public function ``tcloss.<op>``, the glue module
+``_backends/<op>.py`` (options, checks, fakes, autograd, PyTorch paths), the Triton module
+``_backends/<op>_triton.py``, the native schemas ``tcloss::<op>_fwd/_bwd`` and their kernels in
+``csrc/<op>/``, the Triton ops ``tcloss::<op>_{fwd,bwd}_triton``.
 """
 from __future__ import annotations
 
@@ -23,17 +28,10 @@ from .._checks import check_choice
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 
-# Every op has a native (cpp/cuda) and a Triton kernel; per op, the native forward op probed in
-# the dispatcher. A new op adds itself here (docs/ARCHITECTURE.md: Adding an op).
-OPS: dict[str, str] = {
-    "temporal_loss": "tcloss::temporal_loss_fwd",
-    "convlstm_cell": "tcloss::convlstm_cell_fwd",
-    "pairwise_similarity_loss": "tcloss::pairwise_similarity_fwd",
-}
-
-# Order tried for CUDA tensors under backend="auto" (fastest first, as measured on a GPU:
-# see benchmarks/results/).
-AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
+# The registry: every op by its stem (each has a native cpp/cuda and a Triton kernel), with the
+# order backend="auto" tries for its CUDA tensors (fastest first, as measured on a GPU: see
+# benchmarks/results/). A new op adds one line here (docs/ARCHITECTURE.md: Adding an op).
+OPS: dict[str, tuple[str, ...]] = {
     # H200 fwd+bwd, 8x19x512x1024 and 769x769 fp32: cuda 1.75x the reference, triton 1.56-1.62x
     "temporal_loss": ("cuda", "triton"),
     # H200: cuda ahead on the feature path (1.68x vs 0.86x), triton on the MF path (5.0x vs 4.35x)
@@ -145,9 +143,8 @@ def backend_status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
     """``(available, reason)`` of ``backend`` for ``op`` on tensors of ``device_type`` ("cpu" or
     "cuda") in this install: reason is "ok", or why not in plain words (what
     ``available_backends(verbose=True)`` and ``python -m tcloss`` print)."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
-    schema = OPS[op]
+    _check_op(op)
+    schema = f"tcloss::{op}_fwd"
     if backend == "reference":
         return True, "ok"
     if backend == "cpp":
@@ -175,13 +172,17 @@ def backend_status(backend: str, op: str, device_type: str) -> tuple[bool, str]:
         ok, why = triton_status()
         if not ok:
             return False, why
-        stem = STEM_OF_OP.get(op)
-        if stem in _TRITON_IMPORT_ERROR:
-            return False, _TRITON_IMPORT_ERROR[stem]
+        if op in _TRITON_IMPORT_ERROR:
+            return False, _TRITON_IMPORT_ERROR[op]
         if device_type == "cuda" or (device_type == "cpu" and triton_interpret()):
             return True, "ok"
         return False, "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
 
 
 ENV_BACKEND = "TCLOSS_BACKEND"
@@ -202,9 +203,10 @@ def resolve(op: str, device: torch.device, backend: str = "auto") -> str:
                 raise ValueError(f"environment variable {ENV_BACKEND} must be one of {('auto',) + BACKENDS} "
                                  f"(or unset), got {env!r}")
             backend, source = env, f"backend {env!r} (from the environment variable {ENV_BACKEND})"
+    _check_op(op)
     dt = device.type
     if backend == "auto":
-        order = AUTO_CUDA_ORDER.get(op, ("cuda", "triton")) if dt == "cuda" else ("cpp",)
+        order = OPS[op] if dt == "cuda" else ("cpp",)
         for name in order:
             if backend_status(name, op, dt)[0]:
                 return name
@@ -239,56 +241,57 @@ def available_backends(verbose: bool = False):
 # --- torch.library registration shared by every op's glue module --------------------------------
 
 _REGISTERED: set[str] = set()
-# The public op of each kernel pair's stem (for error messages).
-OP_OF_STEM = {"temporal_loss": "temporal_loss", "convlstm_cell": "convlstm_cell",
-              "pairwise_similarity": "pairwise_similarity_loss"}
-STEM_OF_OP = {op: stem for stem, op in OP_OF_STEM.items()}
-# Triton forward ops by stem, filled at registration (looked up, not imported, inside traced code:
+# Triton forward ops by op, filled at registration (looked up, not imported, inside traced code:
 # torch.compile cannot trace importlib).
 _TRITON_FWD: dict[str, object] = {}
-# Why a stem's Triton module did not import although triton does (an older torch without
+# Why an op's Triton module did not import although triton does (an older torch without
 # torch.library.triton_op / wrap_triton, say): the triton backend reports this reason.
 _TRITON_IMPORT_ERROR: dict[str, str] = {}
 
 
-def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_autograd, *,
-                     triton_fakes: bool = False) -> None:
-    """Register fake kernels and autograd for the native pair ``tcloss::{stem}_fwd/_bwd`` (when
-    ``tcloss._C`` has them) and the Triton pair ``tcloss::{stem}_{fwd,bwd}_triton`` of module
-    ``triton_module`` (when Triton imports). ``make_autograd(bwd_op) -> (setup_context,
-    backward)``. ``triton_fakes``: give the Triton ops explicit fakes instead of traced ones.
-    The bwd ops of every kernel backend refuse double backward with one clear error (their
-    kernels are not differentiable). Idempotent."""
-    if stem in _REGISTERED:
+def register_ops() -> None:
+    """Register every op of ``OPS``: its glue module ``_backends/<op>.py`` registers its fakes and
+    autograd (``register()``; called once by ``import tcloss``)."""
+    for op in OPS:
+        importlib.import_module(f".{op}", __name__).register()
+
+
+def register_op_pair(op: str, fake_fwd, fake_bwd, make_autograd, *, triton_fakes: bool = False) -> None:
+    """Register fake kernels and autograd for the native pair ``tcloss::{op}_fwd/_bwd`` (when
+    ``tcloss._C`` has them) and the Triton pair ``tcloss::{op}_{fwd,bwd}_triton`` of module
+    ``_backends/{op}_triton.py`` (when Triton imports). ``make_autograd(bwd_op) ->
+    (setup_context, backward)``. ``triton_fakes``: give the Triton ops explicit fakes instead of
+    traced ones. The bwd ops of every kernel backend refuse double backward with one clear error
+    (their kernels are not differentiable). Idempotent."""
+    if op in _REGISTERED:
         return
-    _REGISTERED.add(stem)
-    op_name = OP_OF_STEM.get(stem, stem)
+    _REGISTERED.add(op)
 
     def refuse(ctx, *grads):
-        raise RuntimeError(f"tcloss: double backward through {op_name} is not supported by its kernel backends "
+        raise RuntimeError(f"tcloss: double backward through {op} is not supported by its kernel backends "
                            f"(cpp, cuda, triton): their backward is not differentiable. For higher-order "
                            f"gradients use backend='reference'.")
 
     def no_context(ctx, inputs, output):
         pass
 
-    if native_status()[0] and hasattr(torch.ops.tcloss, f"{stem}_fwd"):
-        torch.library.register_fake(f"tcloss::{stem}_fwd")(fake_fwd)
-        torch.library.register_fake(f"tcloss::{stem}_bwd")(fake_bwd)
-        sc, bw = make_autograd(getattr(torch.ops.tcloss, f"{stem}_bwd"))
-        torch.library.register_autograd(f"tcloss::{stem}_fwd", bw, setup_context=sc)
-        torch.library.register_autograd(f"tcloss::{stem}_bwd", refuse, setup_context=no_context)
+    if native_status()[0] and hasattr(torch.ops.tcloss, f"{op}_fwd"):
+        torch.library.register_fake(f"tcloss::{op}_fwd")(fake_fwd)
+        torch.library.register_fake(f"tcloss::{op}_bwd")(fake_bwd)
+        sc, bw = make_autograd(getattr(torch.ops.tcloss, f"{op}_bwd"))
+        torch.library.register_autograd(f"tcloss::{op}_fwd", bw, setup_context=sc)
+        torch.library.register_autograd(f"tcloss::{op}_bwd", refuse, setup_context=no_context)
     try:
-        mod = importlib.import_module(f".{triton_module}", __name__)
+        mod = importlib.import_module(f".{op}_triton", __name__)
     except Exception as e:  # noqa: BLE001 - the backend reports itself unavailable, with this reason
         if triton_status()[0]:
             first = (str(e).splitlines() or [""])[0][:200]
-            _TRITON_IMPORT_ERROR[stem] = (f"tcloss's Triton kernels for {op_name} do not load with torch "
+            _TRITON_IMPORT_ERROR[op] = (f"tcloss's Triton kernels for {op} do not load with torch "
                                           f"{torch.__version__} ({type(e).__name__}: {first}); they need a newer "
                                           f"torch (see docs/VERSIONS.md)")
         return
-    fwd, bwd = getattr(mod, f"{stem}_fwd_triton"), getattr(mod, f"{stem}_bwd_triton")
-    _TRITON_FWD[stem] = fwd
+    fwd, bwd = getattr(mod, f"{op}_fwd_triton"), getattr(mod, f"{op}_bwd_triton")
+    _TRITON_FWD[op] = fwd
     if triton_fakes:
         fwd.register_fake(fake_fwd)
         bwd.register_fake(fake_bwd)
@@ -297,13 +300,13 @@ def register_op_pair(stem: str, triton_module: str, fake_fwd, fake_bwd, make_aut
     bwd.register_autograd(refuse, setup_context=no_context)
 
 
-def fwd_op(stem: str, triton_module: str, backend: str):
-    """The forward op of ``stem`` for a kernel backend (``cpp``/``cuda`` share the native op)."""
+def fwd_op(op: str, backend: str):
+    """The forward op of ``op`` for a kernel backend (``cpp``/``cuda`` share the native op)."""
     if backend in ("cpp", "cuda"):
-        return getattr(torch.ops.tcloss, f"{stem}_fwd")
+        return getattr(torch.ops.tcloss, f"{op}_fwd")
     if backend == "triton":
-        if stem not in _TRITON_FWD:
-            raise RuntimeError(f"backend 'triton' is not available for {stem}: module "
-                               f"tcloss._backends.{triton_module} did not import")
-        return _TRITON_FWD[stem]
+        if op not in _TRITON_FWD:
+            raise RuntimeError(f"backend 'triton' is not available for {op}: module "
+                               f"tcloss._backends.{op}_triton did not import")
+        return _TRITON_FWD[op]
     raise ValueError(f"no kernel op for backend {backend!r}")

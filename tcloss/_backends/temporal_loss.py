@@ -1,5 +1,8 @@
-"""torch.library glue of the temporal loss: fake (meta) kernels and autograd for the native op
-pair ``tcloss::temporal_loss_fwd/bwd`` and the Triton pair ``tcloss::temporal_loss_{fwd,bwd}_triton``.
+"""The temporal loss (``tcloss.temporal_loss``) apart from its kernels: its options and their
+checks, and the torch.library glue: fake (meta) kernels and autograd for the native op pair
+``tcloss::temporal_loss_fwd/bwd`` (csrc/temporal_loss/) and the Triton pair
+``tcloss::temporal_loss_{fwd,bwd}_triton`` (temporal_loss_triton.py). Its PyTorch path is the
+reference backend (:func:`tcloss.reference.temporal_loss`, over the warp of :mod:`tcloss._math`).
 
 Autograd: the forward computes the loss only; backward runs the bwd op, which recomputes the
 per-pixel terms from the inputs and writes all gradients in one pass, scaled by grad_output
@@ -12,12 +15,37 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_backend, check_bool, check_choice, check_real
 from .._dtypes import acc_dtype
 from . import fwd_op as _fwd_op
 from . import register_op_pair
 
-REDUCTION = {"none": 0, "mean": 1, "sum": 2}
-MASK_MODE = {"signed_sum": 0, "l1": 1, "l2": 2}
+# The options: the one list of each. The kernels' mask_mode and reduction are the index in these
+# (csrc/tcloss.cpp), padding reaches them as zeros_padding and on as on_prob.
+ONS = ("prob", "logit")
+MASK_MODES = ("signed_sum", "l1", "l2")
+PADDINGS = ("border", "zeros")
+REDUCTIONS = ("none", "mean", "sum")
+_CODE = {"mask_mode": {name: i for i, name in enumerate(MASK_MODES)},  # dict lookups trace under torch.compile
+         "reduction": {name: i for i, name in enumerate(REDUCTIONS)}}
+
+
+def check_options(on, mask_mode, mask_power, padding, reduction, detach_target, backend) -> None:
+    """Options of temporal_loss / nn.TemporalLoss."""
+    check_choice("on", on, ONS)
+    check_choice("mask_mode", mask_mode, MASK_MODES)
+    check_choice("padding", padding, PADDINGS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_real("mask_power", mask_power, minimum=0)
+    check_bool("detach_target", detach_target)
+    check_backend(backend)
+
+
+def kernel_options(on: str, mask_mode: str, mask_power, padding: str, reduction: str) -> tuple:
+    """The options as the fwd/bwd ops take them: ``(on_prob, mask_mode code, mask_power,
+    zeros_padding, reduction code)``."""
+    return (on == "prob", _CODE["mask_mode"][mask_mode], float(mask_power), padding == "zeros",
+            _CODE["reduction"][reduction])
 
 
 def _fake(pred_t, pred_tk, flow, img_t, img_tk, on_prob, mask_mode, mask_power, zeros_padding, reduction):
@@ -52,9 +80,8 @@ def _make_autograd(bwd_op):
 
 def register() -> None:
     """Register fake + autograd implementations (idempotent)."""
-    register_op_pair("temporal_loss", "temporal_loss_triton", _fake, _fake_bwd, _make_autograd,
-                     triton_fakes=True)
+    register_op_pair("temporal_loss", _fake, _fake_bwd, _make_autograd, triton_fakes=True)
 
 
 def fwd_op(backend: str):
-    return _fwd_op("temporal_loss", "temporal_loss_triton", backend)
+    return _fwd_op("temporal_loss", backend)

@@ -38,7 +38,7 @@ import triton.language as tl
 from torch.library import custom_op
 
 from .._dtypes import acc_dtype
-from ..reference import saturate_to
+from .._math import saturate_to
 
 NUM_WARPS = 4  # BLOCK_P = 32 * NUM_WARPS pixels a program
 _F32_TINY, _F32_MAX = float(torch.finfo(torch.float32).smallest_normal) * 2.0 ** -23, float(torch.finfo(torch.float32).max)

@@ -1,5 +1,5 @@
 // Vector helpers of the CPU kernels over L lanes (GCC vector extensions), included by
-// cpu/isa.h once per instruction set, after L, vf, vi, loadn and storen are defined.
+// isa.h once per instruction set, after L, vf, vi, loadn and storen are defined.
 
 TC_INLINE vf splat(float v) { return vf{} + v; }
 TC_INLINE vi splati(int32_t v) { return vi{} + v; }

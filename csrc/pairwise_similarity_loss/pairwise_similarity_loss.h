@@ -1,6 +1,6 @@
 // Per-tile math of the blocked pair-wise similarity loss (SF pair-wise / PF, eq. 2 and eq. 5 of
-// Liu et al., ECCV 2020), shared by the CPU kernel (cpu/pairwise.cpp) and the CUDA kernel
-// (cuda/pairwise.cu). Inputs are unit rows (x / max(|x|, eps)), so a tile of S or T is a plain
+// Liu et al., ECCV 2020), shared by the CPU kernel (pairwise_similarity_loss_cpu.cpp) and the CUDA kernel
+// (pairwise_similarity_loss_cuda.cu). Inputs are unit rows (x / max(|x|, eps)), so a tile of S or T is a plain
 // GEMM of row blocks; what follows is everything done to an element of the tile.
 //
 // mse: loss = 1/(B Na Nb) sum_ij (S_ij - T_ij)^2,            G_ij = dL/dS_ij = 2 c (S_ij - T_ij)
@@ -10,7 +10,7 @@
 // The row log-sum-exps are built online over column tiles (FlashAttention): a row state keeps
 // the running max m and l = sum exp(. - m) for x and y, and w = sum exp(y_j - m_y)(y_j - x_j).
 #pragma once
-#include "common.h"
+#include "common/host_device.h"
 
 namespace tcloss {
 

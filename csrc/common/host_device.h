@@ -1,4 +1,4 @@
-// Shared by the C++ CPU kernels (cpu/*.cpp) and the CUDA kernels (cuda/*.cu): plain C++ that
+// Shared by the C++ CPU kernels (<op>/<op>_cpu.cpp) and the CUDA kernels (<op>/<op>_cuda.cu): plain C++ that
 // both compilers accept, so the CPU tests exercise the very math the GPU runs.
 #pragma once
 #include <cmath>

@@ -1,6 +1,7 @@
 // Device-independent host side of the blocked pair-wise similarity ops: checks, normalisation
 // to unit rows (O(N C), the only copies made), allocation, the final reduction and the backward
-// through the normalisation. cpu/pairwise.cpp and cuda/pairwise.cu provide the tile loops.
+// through the normalisation. pairwise_similarity_loss_cpu.cpp and pairwise_similarity_loss_cuda.cu
+// provide the tile loops.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -29,7 +30,7 @@
 #include <tuple>
 #include <utility>
 
-#include "kernels/pairwise.h"
+#include "pairwise_similarity_loss/pairwise_similarity_loss.h"
 
 namespace tcloss {
 
@@ -38,7 +39,7 @@ inline at::ScalarType pw_acc_type(at::ScalarType s) { return s == at::kDouble ? 
 
 // Per row of xt (B,N,C), the power of two 2^-e that brings max |x| into [0.5, 1) (e the frexp
 // exponent, clamped so that 2^-e stays a normal number: at most 2^126 in float32), (B,N,1).
-// Zero, infinite and NaN rows get 1. As tcloss.reference.pow2_scale (max |x| taken as
+// Zero, infinite and NaN rows get 1. As tcloss._math.pow2_scale (max |x| taken as
 // max(max x, -min x): no temporary of the size of x). The exponent is passed to ldexp in m's
 // dtype: with an integer exponent, torch < 2.6 computed 2^-e in float32 (2^-665, the scale of a
 // 1e200 row, was 0).
@@ -108,13 +109,13 @@ struct PWTensors {
 inline PWTensors pw_prepare(const at::Tensor& sa, const at::Tensor& ta, const at::Tensor& sb, const at::Tensor& tb,
                             int64_t loss, double temperature, double eps, bool keep_norms) {
   TORCH_CHECK(sa.dim() == 3 && ta.dim() == 3 && sb.dim() == 3 && tb.dim() == 3,
-              "tcloss: pairwise_similarity inputs must be (B,C,N)");
+              "tcloss: pairwise_similarity_loss inputs must be (B,C,N)");
   const int64_t B = sa.size(0), Cs = sa.size(1), Na = sa.size(2), Ct = ta.size(1), Nb = sb.size(2);
-  TORCH_CHECK(ta.size(0) == B && sb.size(0) == B && tb.size(0) == B, "tcloss: pairwise_similarity: batch mismatch");
+  TORCH_CHECK(ta.size(0) == B && sb.size(0) == B && tb.size(0) == B, "tcloss: pairwise_similarity_loss: batch mismatch");
   TORCH_CHECK(ta.size(2) == Na, "tcloss: teacher_a must have N_a = ", Na, " pixels, got ", ta.sizes());
   TORCH_CHECK(tb.size(2) == Nb, "tcloss: teacher_b must have N_b = ", Nb, " pixels, got ", tb.sizes());
   TORCH_CHECK(sb.size(1) == Cs && tb.size(1) == Ct, "tcloss: the b side must have the channels of the a side");
-  TORCH_CHECK(Cs >= 1 && Ct >= 1 && Na >= 1 && Nb >= 1, "tcloss: pairwise_similarity needs C >= 1 and N >= 1");
+  TORCH_CHECK(Cs >= 1 && Ct >= 1 && Na >= 1 && Nb >= 1, "tcloss: pairwise_similarity_loss needs C >= 1 and N >= 1");
   TORCH_CHECK(loss == kPairwiseMSE || loss == kPairwiseKL, "tcloss: loss must be 0 (mse) or 1 (kl)");
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "tcloss: temperature must be a finite positive number");
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "tcloss: eps must be a finite non-negative number");
@@ -161,12 +162,12 @@ std::tuple<at::Tensor, at::Tensor> pairwise_bwd_impl(Run run, const at::Tensor& 
                                                      const at::Tensor& stats, int64_t loss, double temperature,
                                                      double eps, bool detach_norm, bool grad_a, bool grad_b,
                                                      bool grads_cn) {
-  TORCH_CHECK(grad.numel() == 1, "tcloss: pairwise_similarity_bwd: grad must be a scalar");
+  TORCH_CHECK(grad.numel() == 1, "tcloss: pairwise_similarity_loss_bwd: grad must be a scalar");
   PWTensors T = pw_prepare(sa, ta, sb, tb, loss, temperature, eps, true);
   auto opts = T.as.options();
   if (loss == kPairwiseKL) {
     TORCH_CHECK(stats.dim() == 3 && stats.size(0) == T.P.B && stats.size(1) == T.P.Na && stats.size(2) == 2,
-                "tcloss: pairwise_similarity_bwd: stats must be (B,Na,2) for kl, got ", stats.sizes());
+                "tcloss: pairwise_similarity_loss_bwd: stats must be (B,Na,2) for kl, got ", stats.sizes());
     T.stats = stats.to(T.as.scalar_type()).contiguous();
   }
   auto grads = [&](int64_t N) {

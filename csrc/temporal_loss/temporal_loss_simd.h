@@ -1,9 +1,9 @@
 // The row-vectorised CPU orchestration of the temporal loss (float/half/bfloat16 inputs, float
 // math), written once over L-lane vectors and compiled once per instruction set by
-// cpu/temporal_loss.cpp through cpu/isa.h (which provides L, vf, vi, loadn, storen and the
-// helpers of cpu/vec.h).
-// Formulas: kernels/temporal_loss.h (tl_channel_accumulate, tl_channel_grads) and
-// kernels/common.h (bilinear_taps), the per-pixel code the CUDA kernel and the float64 path
+// temporal_loss_cpu.cpp through common/isa.h (which provides L, vf, vi, loadn, storen and the
+// helpers of common/vec.h).
+// Formulas: temporal_loss.h (tl_channel_accumulate, tl_channel_grads) and
+// common/host_device.h (bilinear_taps), the per-pixel code the CUDA kernel and the float64 path
 // run; here every loop runs along x over a chunk of kTile pixels of one row, channel plane by
 // channel plane, except the four-corner fetch, which reads the corner source in a
 // channel-blocked layout (see Blocked).
@@ -34,7 +34,7 @@ struct Blocked {
   TC_INLINE float* block(int64_t g) const { return q + lo(g) * HW; }
 };
 
-// Bilinear taps of a chunk (bilinear_taps of kernels/common.h), structure of arrays; an
+// Bilinear taps of a chunk (bilinear_taps of common/host_device.h), structure of arrays; an
 // invalid corner (outside the image, non-finite flow, a lane past the chunk) has weight 0,
 // index 0 and valid 0, and reads 0 (CornerOffsets). ax, ay: the flow derivatives' weights of
 // the corner differences (BilinearTaps::ax, ay).
@@ -190,7 +190,7 @@ TC_INLINE void chunk_softmax_sums(const S* src, int64_t C, int64_t HW, int64_t n
     }
 }
 
-// 1/sum, or NaN where the max is not finite (kernels/temporal_loss.h: softmax_rinv).
+// 1/sum, or NaN where the max is not finite (temporal_loss.h: softmax_rinv).
 TC_INLINE vf vrinv(vf mx, vf s) { return sel(vfinite(mx), 1.f / s, splat(std::numeric_limits<float>::quiet_NaN())); }
 
 // q = softmax over channels of a chunk of n pixels (src planar, stride HW) into scratch rows
@@ -255,7 +255,7 @@ struct RowScratch {
   RowScratch(int64_t C, int64_t Ci) : qt(C * kTile), warped(C * kTile), wx(C * kTile), wy(C * kTile), img(Ci * kTile) {}
 };
 
-// V^p of the chunk (mask_weight of kernels/temporal_loss.h), from img_tk warped like the
+// V^p of the chunk (mask_weight of temporal_loss.h), from img_tk warped like the
 // corner source (blocked).
 template <typename S>
 TC_INLINE void occlusion_weight(const Ctx<S>& X, const Blocked& I, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {

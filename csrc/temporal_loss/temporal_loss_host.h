@@ -1,5 +1,5 @@
 // Device-independent host side of the temporal-loss ops: argument checks, allocation and the
-// final reduction. cpu/temporal_loss.cpp and cuda/temporal_loss.cu provide run_kernels().
+// final reduction. temporal_loss_cpu.cpp and temporal_loss_cuda.cu provide run_kernels().
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -19,7 +19,7 @@
 #include <limits>
 #include <tuple>
 
-#include "kernels/temporal_loss.h"
+#include "temporal_loss/temporal_loss.h"
 
 namespace tcloss {
 
@@ -38,14 +38,14 @@ inline at::ScalarType acc_type_of(at::ScalarType s) {
   return s == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Per-pixel softmax statistics (kernels/temporal_loss.h: SoftmaxStats) of a (B,C,H,W) input:
+// Per-pixel softmax statistics (temporal_loss.h: SoftmaxStats) of a (B,C,H,W) input:
 // (B,H,W,2) in the accumulation dtype, viewed by the kernels as SoftmaxStats<acc_t>.
 inline at::Tensor tl_softmax_stats_buffer(const TLParams& P, const at::Tensor& like) {
   return at::empty({P.B, P.H, P.W, 2}, like.options());
 }
 
 // img.to(acc) with finite float64 values beyond float32's range clamped to its largest finite
-// value rather than turned into inf (reference.saturate_to).
+// value rather than turned into inf (tcloss._math.saturate_to).
 inline at::Tensor tl_saturate_to(const at::Tensor& img, at::ScalarType acc) {
   if (!(img.scalar_type() == at::kDouble && acc == at::kFloat)) return img.to(acc);
   const double m = std::numeric_limits<float>::max();
@@ -86,7 +86,7 @@ inline TLTensors tl_prepare(const at::Tensor& pred_t, const at::Tensor& pred_tk,
   T.itk = tl_saturate_to(img_tk, acc).contiguous();
   auto opts = pred_t.options().dtype(acc);
   if (g_pt) T.g_pt = at::empty_like(T.pt);
-  // zeroed here, or on the CPU by its run_kernels (after asking for huge pages: cpu/temporal_loss.cpp)
+  // zeroed here, or on the CPU by its run_kernels (after asking for huge pages: temporal_loss_cpu.cpp)
   if (g_ptk) T.g_ptk_acc = pred_tk.is_cpu() ? at::empty(pred_tk.sizes(), opts) : at::zeros(pred_tk.sizes(), opts);
   if (g_flow) T.g_flow = at::empty({B, 2, H, W}, opts);
   return T;

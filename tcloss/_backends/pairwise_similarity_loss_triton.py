@@ -44,7 +44,7 @@ from torch.library import triton_op, wrap_triton
 
 from .._dtypes import acc_dtype
 from . import triton_interpret
-from .pairwise import PRECISION, row_scales
+from .pairwise_similarity_loss import PRECISIONS, row_scales
 
 
 @triton.jit
@@ -317,48 +317,56 @@ def _blocks(x: torch.Tensor, Cs: int, Ct: int, precision: str):
 
 
 def _check(sa, ta, sb, tb, loss, temperature, eps, precision):
-    # the native ops' host checks (csrc/pairwise_host.h), for a direct call of the op
+    # the native ops' host checks (csrc/pairwise_similarity_loss/pairwise_similarity_loss_host.h), for a
+    # direct call of the op
     if loss not in (0, 1):
-        raise ValueError("pairwise_similarity: loss must be 0 (mse) or 1 (kl)")
+        raise ValueError("pairwise_similarity_loss: loss must be 0 (mse) or 1 (kl)")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError("pairwise_similarity: temperature must be a finite positive number")
+        raise ValueError("pairwise_similarity_loss: temperature must be a finite positive number")
     if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError("pairwise_similarity: eps must be a finite non-negative number")
-    if precision not in PRECISION:
-        raise ValueError(f"pairwise_similarity: precision must be one of {tuple(PRECISION)}")
+        raise ValueError("pairwise_similarity_loss: eps must be a finite non-negative number")
+    if precision not in PRECISIONS:
+        raise ValueError(f"pairwise_similarity_loss: precision must be one of {PRECISIONS}")
     if (sb is None) != (tb is None):
-        raise ValueError("pairwise_similarity: student_b and teacher_b are both given or both None (self-similarity)")
+        raise ValueError("pairwise_similarity_loss: student_b and teacher_b are both given or both None (self-similarity)")
     sb, tb = (sa, ta) if sb is None else (sb, tb)
     for n, t in (("teacher_a", ta), ("student_b", sb), ("teacher_b", tb)):
         if t.dim() != 3 or t.shape[0] != sa.shape[0]:
             raise ValueError(f"{n} must be (B,C,N) with the batch of student_a, got {tuple(t.shape)}")
     if sa.dim() != 3 or ta.shape[2] != sa.shape[2] or tb.shape[2] != sb.shape[2]:
-        raise ValueError("pairwise_similarity: student and teacher of a side must share N")
+        raise ValueError("pairwise_similarity_loss: student and teacher of a side must share N")
     if sb.shape[1] != sa.shape[1] or tb.shape[1] != ta.shape[1]:
-        raise ValueError("pairwise_similarity: the two sides must share the channel counts")
+        raise ValueError("pairwise_similarity_loss: the two sides must share the channel counts")
+
+
+def _sides(sa, ta, sb, tb, eps: float, detach_norm: bool):
+    """The set-up of both launchers: each side's inputs made contiguous with their row scales
+    (:func:`row_scales`, in the accumulation dtype), as ``(acc, (sa, ta, r_sa, r_ta), (sb, tb,
+    r_sb, r_tb))``. Self-similarity (``sb is None``): the column side is the row side itself, one
+    set of inputs and scales."""
+    acc = acc_dtype(sa.dtype)
+    sa, ta = sa.contiguous(), ta.contiguous()
+    rows = (sa, ta, row_scales(sa, eps, detach_norm, acc), row_scales(ta, eps, detach_norm, acc))
+    if sb is None:
+        return acc, rows, rows
+    sb, tb = sb.contiguous(), tb.contiguous()
+    return acc, rows, (sb, tb, row_scales(sb, eps, detach_norm, acc), row_scales(tb, eps, detach_norm, acc))
 
 
 def _consts(sa: torch.Tensor, precision: str):
     """Constexprs shared by both kernels: precision code (float64: exact), float64, interpreter."""
     f64 = sa.dtype == torch.float64
-    return dict(PREC=0 if f64 else PRECISION[precision], IS_F64=f64, EMULATE=triton_interpret())
+    return dict(PREC=0 if f64 else PRECISIONS.index(precision), IS_F64=f64, EMULATE=triton_interpret())
 
 
-@triton_op("tcloss::pairwise_similarity_fwd_triton", mutates_args=())
-def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: Optional[torch.Tensor],
-                                   tb: Optional[torch.Tensor], loss: int, temperature: float, eps: float,
-                                   detach_norm: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract of the native ``tcloss::pairwise_similarity_fwd``, plus: ``sb = tb = None`` is
+@triton_op("tcloss::pairwise_similarity_loss_fwd_triton", mutates_args=())
+def pairwise_similarity_loss_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: Optional[torch.Tensor],
+                                        tb: Optional[torch.Tensor], loss: int, temperature: float, eps: float,
+                                        detach_norm: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract of the native ``tcloss::pairwise_similarity_loss_fwd``, plus: ``sb = tb = None`` is
     self-similarity (one set of inputs for rows and columns), and ``precision`` of the tiles."""
     _check(sa, ta, sb, tb, loss, temperature, eps, precision)
-    acc = acc_dtype(sa.dtype)
-    sa, ta = sa.contiguous(), ta.contiguous()
-    ras, rat = row_scales(sa, eps, False, acc), row_scales(ta, eps, False, acc)
-    if sb is None:
-        sb, tb, rbs, rbt = sa, ta, ras, rat
-    else:
-        sb, tb = sb.contiguous(), tb.contiguous()
-        rbs, rbt = row_scales(sb, eps, False, acc), row_scales(tb, eps, False, acc)
+    acc, (sa, ta, ras, rat), (sb, tb, rbs, rbt) = _sides(sa, ta, sb, tb, eps, False)
     B, Cs, Na = sa.shape
     Ct, Nb = ta.shape[1], sb.shape[2]
     par = torch.tensor([1.0 / temperature, 0.0], dtype=acc, device=sa.device)
@@ -372,26 +380,22 @@ def pairwise_similarity_fwd_triton(sa: torch.Tensor, ta: torch.Tensor, sb: Optio
     return rowloss.sum() / denom, stats
 
 
-@triton_op("tcloss::pairwise_similarity_bwd_triton", mutates_args=())
-def pairwise_similarity_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: torch.Tensor, sb: Optional[torch.Tensor],
-                                   tb: Optional[torch.Tensor], stats: torch.Tensor, loss: int, temperature: float,
-                                   eps: float, detach_norm: bool, precision: str, grad_a: bool,
-                                   grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract of the native ``tcloss::pairwise_similarity_bwd`` (self-similarity: the whole
+@triton_op("tcloss::pairwise_similarity_loss_bwd_triton", mutates_args=())
+def pairwise_similarity_loss_bwd_triton(grad: torch.Tensor, sa: torch.Tensor, ta: torch.Tensor,
+                                        sb: Optional[torch.Tensor], tb: Optional[torch.Tensor], stats: torch.Tensor,
+                                        loss: int, temperature: float, eps: float, detach_norm: bool, precision: str,
+                                        grad_a: bool, grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract of the native ``tcloss::pairwise_similarity_loss_bwd`` (self-similarity: the whole
     gradient is d student_a), plus ``precision``; one pass over the tiles."""
     _check(sa, ta, sb, tb, loss, temperature, eps, precision)
-    acc = acc_dtype(sa.dtype)
     self_sim = sb is None
-    sa, ta = sa.contiguous(), ta.contiguous()
-    sb, tb = (sa, ta) if self_sim else (sb.contiguous(), tb.contiguous())
-    B, Cs, Na = sa.shape
-    Nb = sb.shape[2]
     want_a, want_b = grad_a, grad_b and not self_sim
     empty = sa.new_empty((0,))
     if not (want_a or want_b):
         return empty, empty
-    ras, rat = row_scales(sa, eps, detach_norm, acc), row_scales(ta, eps, detach_norm, acc)
-    rbs, rbt = (ras, rat) if self_sim else (row_scales(sb, eps, detach_norm, acc), row_scales(tb, eps, detach_norm, acc))
+    acc, (sa, ta, ras, rat), (sb, tb, rbs, rbt) = _sides(sa, ta, sb, tb, eps, detach_norm)
+    B, Cs, Na = sa.shape
+    Nb = sb.shape[2]
     denom = B * Na * (Nb if loss == 0 else 1)
     # c = dL/dloss / (#terms), without a host sync
     par = torch.stack([torch.full_like(grad, 1.0 / temperature, dtype=acc), grad.to(acc) / denom])

@@ -1,5 +1,5 @@
 // Device-independent host side of the fused ConvLSTM cell ops: argument checks, allocation and
-// the final reduction of the peephole gradients. cpu/convlstm.cpp and cuda/convlstm.cu provide
+// the final reduction of the peephole gradients. convlstm_cell_cpu.cpp and convlstm_cell_cuda.cu provide
 // the run functions.
 //
 // Work layout (both devices): a "column" j = (k, y, x) in [0, Hd*h*w) is one hidden unit at one
@@ -21,7 +21,7 @@
 #include <algorithm>
 #include <tuple>
 
-#include "kernels/convlstm.h"
+#include "convlstm_cell/convlstm_cell.h"
 
 namespace tcloss {
 

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused temporal loss, per-pixel math from kernels/temporal_loss.h.
+// CUDA kernels of the fused temporal loss, per-pixel math from temporal_loss.h.
 //
 // One thread per pixel; a warp's threads read adjacent x, so every channel plane is read
 // coalesced. Blocks are 32x8 tiles of one batch item (blockIdx.y), and offsets inside an item
@@ -22,7 +22,7 @@
 #include <algorithm>
 #include <limits>
 
-#include "../temporal_loss_host.h"
+#include "temporal_loss/temporal_loss_host.h"
 
 namespace tcloss {
 namespace {

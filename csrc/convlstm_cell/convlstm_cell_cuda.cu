@@ -1,7 +1,7 @@
 // CUDA kernels of the fused ConvLSTM cell (eq. 6). Grid: x over columns j = (k, y, x) (adjacent
 // threads read adjacent positions, so every gate plane is read coalesced), y over batch chunks;
 // each thread loops over the batch items of its chunk, which sums the per-position peephole
-// gradient in registers (no atomics, deterministic). Per-element math from kernels/convlstm.h.
+// gradient in registers (no atomics, deterministic). Per-element math from convlstm_cell.h.
 // Offsets advance by pointer increments per batch item, so no 64-bit division per element.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -11,7 +11,7 @@
 
 #include <type_traits>
 
-#include "../convlstm_host.h"
+#include "convlstm_cell/convlstm_cell_host.h"
 
 namespace tcloss {
 namespace {

@@ -1,6 +1,6 @@
-// The element math of the blocked pair-wise loss (kernels/pairwise.h) over float tiles, written
-// once over L-lane vectors and compiled once per instruction set by cpu/pairwise.cpp through
-// cpu/isa.h. A tile is bm rows of bn contiguous floats; the exponentials are vexp_nonpos (every
+// The element math of the blocked pair-wise loss (pairwise_similarity_loss.h) over float tiles, written
+// once over L-lane vectors and compiled once per instruction set by pairwise_similarity_loss_cpu.cpp through
+// common/isa.h. A tile is bm rows of bn contiguous floats; the exponentials are vexp_nonpos (every
 // argument is <= 0 up to rounding: values minus their running max or their log-sum-exp).
 
 TC_INLINE float hsum(vf v) {

@@ -1,5 +1,5 @@
 // Per-pixel math of the fused temporal loss (eq. 1 of Liu et al., ECCV 2020), shared by the
-// CPU kernel (cpu/temporal_loss.cpp) and the CUDA kernel (cuda/temporal_loss.cu).
+// CPU kernel (temporal_loss_cpu.cpp) and the CUDA kernel (temporal_loss_cuda.cu).
 //
 // For pixel i = (b, y, x) with flow (u, v):
 //   q_t  = softmax_C(pred_t[:, i])            (on="prob"; q = pred for on="logit")
@@ -14,7 +14,7 @@
 //                                              softmax-backpropagated: one pass, no buffer
 //   dflow_x  = sum_c (-dq[c]) sum_k (d a_k / d px) q_tk[c, corner_k]   (reduced in registers)
 #pragma once
-#include "common.h"
+#include "common/host_device.h"
 
 namespace tcloss {
 
@@ -90,7 +90,7 @@ HOST_DEVICE_INLINE acc_t mask_weight(const TLParams& P, const acc_t* it_b, const
 }
 
 // The per-channel pieces, shared by the per-pixel orchestration below (GPU, and CPU float64)
-// and the CPU's chunked orchestration (cpu/temporal_loss.cpp), which walks channel planes in
+// and the CPU's chunked orchestration (temporal_loss_cpu.cpp), which walks channel planes in
 // order for the cache and TLB.
 
 // Channel reductions of one pixel that the loss and the gradients need.

@@ -1,5 +1,7 @@
-"""torch.library glue of the fused ConvLSTM cell: fake (meta) kernels and autograd for the native op
-pair ``tcloss::convlstm_cell_fwd/bwd`` and the Triton pair ``tcloss::convlstm_cell_{fwd,bwd}_triton``.
+"""torch.library glue of the fused ConvLSTM cell (``tcloss.convlstm_cell``): fake (meta) kernels and
+autograd for the native op pair ``tcloss::convlstm_cell_fwd/bwd`` (csrc/convlstm_cell/) and the
+Triton pair ``tcloss::convlstm_cell_{fwd,bwd}_triton`` (convlstm_cell_triton.py). Its PyTorch path
+is the reference backend (:func:`tcloss.reference.convlstm_cell`); it has no options to check.
 
 What backward keeps: the inputs only (``gates``, ``c`` and the small peephole tensor). The gate
 pre-activations hold exactly as many values as the activated gates a workspace would, and
@@ -15,8 +17,6 @@ import torch
 from .._dtypes import acc_dtype
 from . import fwd_op as _fwd_op
 from . import register_op_pair
-
-
 
 
 def _fake_fwd(gates, c, peephole):
@@ -48,8 +48,8 @@ def _make_autograd(bwd_op):
 
 def register() -> None:
     """Register fake + autograd implementations (idempotent)."""
-    register_op_pair("convlstm_cell", "convlstm_triton", _fake_fwd, _fake_bwd, _make_autograd)
+    register_op_pair("convlstm_cell", _fake_fwd, _fake_bwd, _make_autograd)
 
 
 def fwd_op(backend: str):
-    return _fwd_op("convlstm_cell", "convlstm_triton", backend)
+    return _fwd_op("convlstm_cell", backend)

@@ -5,10 +5,10 @@
 // Usage, inside the includer's namespace: #define TC_ISA_BODY "the_op_simd.h", then include this
 // file. The body is included once per ISA after the lane count L, the vector types vf / vi,
 // loadn / storen (masked loads and stores of the first n lanes, touching no memory past them)
-// and the helpers of cpu/vec.h. No include guard: each kernel file includes it once with its
+// and the helpers of vec.h. No include guard: each kernel file includes it once with its
 // own body.
 #ifndef TC_ISA_BODY
-#error "define TC_ISA_BODY (the header compiled once per instruction set) before including cpu/isa.h"
+#error "define TC_ISA_BODY (the header compiled once per instruction set) before including isa.h"
 #endif
 
 #include <algorithm>

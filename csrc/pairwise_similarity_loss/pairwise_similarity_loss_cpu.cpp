@@ -1,8 +1,8 @@
 // C++ CPU kernel of the blocked pair-wise similarity loss. Tiles of kBM rows x kBN columns: the
 // two GEMMs of a tile (S = A_s B_s^T, T = A_t B_t^T over unit rows) go to ATen's BLAS, the
-// element math (kernels/pairwise.h; for float the SIMD version of cpu/pairwise_simd.h) runs
-// over the tile in place, and the tile is discarded: memory is O((Na + Nb) C) plus two tiles per
-// thread.
+// element math (pairwise_similarity_loss.h; for float the SIMD version of
+// pairwise_similarity_loss_simd.h) runs over the tile in place, and the tile is discarded:
+// memory is O((Na + Nb) C) plus two tiles per thread.
 //
 // Forward: tasks own row blocks (each task the only writer of its rows' sums and statistics).
 // Backward, FlashAttention-2 order: each tile of G = dL/dS is computed once and multiplied into
@@ -20,7 +20,7 @@
 #include <atomic>
 #include <vector>
 
-#include "../pairwise_host.h"
+#include "pairwise_similarity_loss/pairwise_similarity_loss_host.h"
 
 namespace tcloss {
 namespace {
@@ -31,12 +31,12 @@ constexpr int64_t kMaxChunks = 16;  // column chunks per row block in the backwa
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-#define TC_ISA_BODY "pairwise_simd.h"
-#include "isa.h"
+#define TC_ISA_BODY "pairwise_similarity_loss/pairwise_similarity_loss_simd.h"
+#include "common/isa.h"
 #undef TC_ISA_BODY
 
 // The element math of a tile: float through the SIMD body, double (the exactness path) through
-// kernels/pairwise.h element by element.
+// pairwise_similarity_loss.h element by element.
 void fwd_tile(int loss, const float* s, const float* t, int64_t bm, int64_t bn, float inv_tau, PWRowState<float>* st,
               float* sq) {
   TC_ISA_CALL(fwd_tile, loss, s, t, bm, bn, inv_tau, st, sq)
@@ -173,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tcloss, CPU, m) {
-  m.impl("pairwise_similarity_fwd", &fwd_cpu);
-  m.impl("pairwise_similarity_bwd", &bwd_cpu);
+  m.impl("pairwise_similarity_loss_fwd", &fwd_cpu);
+  m.impl("pairwise_similarity_loss_bwd", &bwd_cpu);
 }
 
 }  // namespace tcloss

@@ -1,5 +1,5 @@
 // C++ CPU kernels of the fused ConvLSTM cell (eq. 6): at::parallel_for over (batch chunk,
-// column block) tasks, per-element math from kernels/convlstm.h. Inside a task the batch loop
+// column block) tasks, per-element math from convlstm_cell.h. Inside a task the batch loop
 // is outermost and the columns innermost, so every plane is streamed contiguously and the
 // peephole partial sums of the task's columns stay in its own slice of the partial buffer.
 //
@@ -18,7 +18,7 @@
 
 // v8f values only ever live inside always-inlined code: the vector-ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
-#include "../convlstm_host.h"
+#include "convlstm_cell/convlstm_cell_host.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define TCLOSS_X86_DISPATCH 1
@@ -39,7 +39,7 @@ namespace {
 
 constexpr int64_t kColBlock = 2048;
 
-// 8 float lanes as a GCC vector type: the element formulas of kernels/convlstm.h run on it
+// 8 float lanes as a GCC vector type: the element formulas of convlstm_cell.h run on it
 // unchanged (one SSE/AVX instruction per operation; AVX2+FMA in the *_avx2 clones below).
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));

@@ -1,6 +1,6 @@
 // CUDA kernel of the blocked pair-wise similarity loss: a shared-memory tiled GEMM per tile of S
 // and T (16 x 16 threads, each an R x R register micro-tile; R = 4 in float, 2 in double), the
-// element math from kernels/pairwise.h, and no N x N buffer anywhere.
+// element math from pairwise_similarity_loss.h, and no N x N buffer anywhere.
 //   forward: one block per (row block, batch item) sweeps the column tiles; per-thread row
 //            states (sum of squares, or the online log-sum-exps for kl) are merged across the
 //            16 threads of a row with warp shuffles.
@@ -14,7 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../pairwise_host.h"
+#include "pairwise_similarity_loss/pairwise_similarity_loss_host.h"
 
 namespace tcloss {
 namespace {
@@ -227,7 +227,7 @@ void run_fwd_cuda(PWTensors& T) {
   const c10::cuda::CUDAGuard guard(T.as.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const PWParams P = T.P;
-  TORCH_CHECK(P.B <= 65535, "tcloss: pairwise_similarity (cuda): batch size must be <= 65535");
+  TORCH_CHECK(P.B <= 65535, "tcloss: pairwise_similarity_loss (cuda): batch size must be <= 65535");
   AT_DISPATCH_FLOATING_TYPES(T.as.scalar_type(), "tcloss_pairwise_fwd_cuda", [&] {
     constexpr int R = TileCfg<scalar_t>::R, BM = TileCfg<scalar_t>::BM;
     const dim3 grid(static_cast<unsigned>(cdiv(P.Na, BM)), static_cast<unsigned>(P.B));
@@ -243,7 +243,7 @@ void run_bwd_cuda(PWTensors& T) {
   const c10::cuda::CUDAGuard guard(T.as.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const PWParams P = T.P;
-  TORCH_CHECK(P.B <= 65535, "tcloss: pairwise_similarity (cuda): batch size must be <= 65535");
+  TORCH_CHECK(P.B <= 65535, "tcloss: pairwise_similarity_loss (cuda): batch size must be <= 65535");
   AT_DISPATCH_FLOATING_TYPES(T.as.scalar_type(), "tcloss_pairwise_bwd_cuda", [&] {
     constexpr int R = TileCfg<scalar_t>::R, BM = TileCfg<scalar_t>::BM;
     const scalar_t* st = P.loss == kPairwiseKL ? T.stats.data_ptr<scalar_t>() : nullptr;
@@ -281,8 +281,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tcloss, CUDA, m) {
-  m.impl("pairwise_similarity_fwd", &fwd_cuda);
-  m.impl("pairwise_similarity_bwd", &bwd_cuda);
+  m.impl("pairwise_similarity_loss_fwd", &fwd_cuda);
+  m.impl("pairwise_similarity_loss_bwd", &bwd_cuda);
 }
 
 }  // namespace tcloss

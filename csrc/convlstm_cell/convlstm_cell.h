@@ -1,6 +1,6 @@
 // Per-element math of the fused ConvLSTM cell (eq. 6 of the supplement of Liu et al., ECCV 2020,
-// after Shi et al. 2015), shared by the CPU kernel (cpu/convlstm.cpp) and the CUDA kernel
-// (cuda/convlstm.cu). The convolution that makes the gate pre-activations stays in cuDNN/ATen;
+// after Shi et al. 2015), shared by the CPU kernel (convlstm_cell_cpu.cpp) and the CUDA kernel
+// (convlstm_cell_cuda.cu). The convolution that makes the gate pre-activations stays in cuDNN/ATen;
 // only the pointwise part is fused, as in PyTorch's fused LSTM cell (RNN.cu).
 //
 // Per element (b, k, y, x), gate pre-activations a_i, a_f, a_g, a_o (PyTorch order i, f, g, o),
@@ -17,7 +17,7 @@
 //   dc   = dC f + da_i w_i + da_f w_f
 //   dw_i = sum_b da_i c        dw_f = sum_b da_f c        dw_o = sum_b da_o c'
 #pragma once
-#include "common.h"
+#include "common/host_device.h"
 
 // Forced inlining on the host too: the CPU kernel's column loop only vectorises when the whole
 // element computation is inlined into it.
@@ -36,7 +36,7 @@ namespace tcloss {
 //
 // Transcendentals of the cell, as a policy: LibmMath (CUDA, and CPU float64) calls expf/tanhf or
 // exp/tanh of the matching precision; the CPU float kernel passes a branch-free polynomial
-// version that the compiler can vectorise (cpu/convlstm.cpp). The gate formulas below are the
+// version that the compiler can vectorise (convlstm_cell_cpu.cpp). The gate formulas below are the
 // same for every device.
 struct LibmMath {
   static TCLOSS_CL_INLINE float exp(float x) { return expf(x); }

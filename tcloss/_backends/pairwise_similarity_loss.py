@@ -1,6 +1,10 @@
-"""torch.library glue of the pair-wise similarity loss (blocked algorithm): fake (meta) kernels
-and autograd for the native pair ``tcloss::pairwise_similarity_fwd/bwd`` and the Triton pair
-``tcloss::pairwise_similarity_{fwd,bwd}_triton``; plus the choice of algorithm.
+"""The pair-wise similarity loss (``tcloss.pairwise_similarity_loss``) apart from its kernels: its
+options and their checks, the choice of algorithm, its PyTorch algorithms (gram; naive is
+:func:`tcloss.reference.pairwise_similarity_loss`), the self-similarity map of multi-frame
+distillation, and the torch.library glue of the blocked algorithm: fake (meta) kernels and
+autograd for the native pair ``tcloss::pairwise_similarity_loss_fwd/bwd`` (csrc/pairwise_similarity_loss/)
+and the Triton pair ``tcloss::pairwise_similarity_loss_{fwd,bwd}_triton``
+(pairwise_similarity_loss_triton.py).
 
 FlashAttention-style: the forward keeps only per-row statistics (the log-sum-exp of S_i/tau and
 T_i/tau for ``loss="kl"``, nothing for ``"mse"``); backward recomputes every S/T tile from the
@@ -17,16 +21,36 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_backend, check_bool, check_choice, check_real
 from .._dtypes import acc_dtype
-from ..reference import pow2_scale
-from . import register_op_pair
+from .._math import pairwise_normalize, pow2_scale, unit_vectors
 from . import fwd_op as _fwd_op
+from . import register_op_pair
 
-LOSS = {"mse": 0, "kl": 1}
-# precision= of the tiles -> the Triton kernels' code (tcloss._backends.pairwise_triton._mma)
-PRECISION = {"ieee": 0, "tf32": 1, "bf16": 2}
+# The options: the one list of each. The kernels' ``loss`` is the index in LOSSES (csrc/tcloss.cpp),
+# the Triton kernels' precision code the index in PRECISIONS (pairwise_similarity_loss_triton._mma).
+LOSSES = ("mse", "kl")
+ALGORITHMS = ("auto", "blocked", "gram", "naive")
+PRECISIONS = ("ieee", "tf32", "bf16")
+_LOSS_CODE = {name: i for i, name in enumerate(LOSSES)}  # a dict lookup traces under torch.compile
 
 
+def check_options(loss, temperature, algorithm, detach_norm, eps, backend, precision) -> None:
+    """Options of pairwise_similarity_loss / nn.PairwiseSimilarityLoss."""
+    check_choice("loss", loss, LOSSES)
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    check_choice("precision", precision, PRECISIONS)
+    check_real("temperature", temperature, minimum=0, strict=True)
+    check_real("eps", eps, minimum=0)
+    check_bool("detach_norm", detach_norm)
+    check_backend(backend)
+    if loss == "kl" and algorithm == "gram":
+        raise ValueError("algorithm='gram' is an identity for loss='mse' only; use 'blocked' or 'naive' for 'kl'")
+
+
+def kernel_options(loss: str, temperature, eps, detach_norm: bool) -> tuple:
+    """The options as the fwd/bwd ops take them: ``(loss code, temperature, eps, detach_norm)``."""
+    return _LOSS_CODE[loss], float(temperature), float(eps), detach_norm
 
 
 def _fake_fwd(sa, ta, sb, tb, loss, temperature, eps, detach_norm, precision=None):
@@ -63,12 +87,11 @@ def _make_autograd(bwd_op):
 def register() -> None:
     """Register fake + autograd implementations (idempotent). The Triton ops get explicit fakes:
     tracing the launcher instead would run the interpreter on fake tensors."""
-    register_op_pair("pairwise_similarity", "pairwise_triton", _fake_fwd, _fake_bwd, _make_autograd,
-                     triton_fakes=True)
+    register_op_pair("pairwise_similarity_loss", _fake_fwd, _fake_bwd, _make_autograd, triton_fakes=True)
 
 
 def fwd_op(backend: str):
-    return _fwd_op("pairwise_similarity", "pairwise_triton", backend)
+    return _fwd_op("pairwise_similarity_loss", backend)
 
 
 # algorithm="auto". gram costs ~2 N (C_s+C_t)^2 against ~N_a N_b (C_s+C_t) for naive and
@@ -126,7 +149,7 @@ def choose_algorithm(algorithm: str, loss: str, backend: str, device_type: str, 
 
 def row_scales(x: torch.Tensor, eps: float, detach_norm: bool, acc: torch.dtype) -> torch.Tensor:
     """Per pixel of ``x`` (B,C,N), the scales of its unit row ``x / max(||x||, eps) = x s iv``
-    (B,3,N) in ``acc``: ``s`` the power of two of :func:`tcloss.reference.pow2_scale` (exact, so
+    (B,3,N) in ``acc``: ``s`` the power of two of :func:`tcloss._math.pow2_scale` (exact, so
     the norm ``ns = ||x s||`` never overflows), ``iv = 1 / max(ns, eps s)``, and ``full`` = 1
     where the gradient goes through the norm (``ns > eps s`` and not ``detach_norm``: the rule of
     autograd through the reference's clamp, a tie counting as clamped), else 0."""
@@ -136,3 +159,44 @@ def row_scales(x: torch.Tensor, eps: float, detach_norm: bool, acc: torch.dtype)
     floor = eps * s
     full = (ns > floor).to(acc) * (not detach_norm)
     return torch.cat([s, 1.0 / torch.maximum(ns, floor), full], dim=1)
+
+
+# --- the PyTorch algorithms -------------------------------------------------------------------
+
+def gram_loss(student_a: torch.Tensor, teacher_a: torch.Tensor, student_b: torch.Tensor | None = None,
+              teacher_b: torch.Tensor | None = None, detach_norm: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    """MSE pair-wise loss through C x C Gram matrices, never forming an N x N map.
+
+    With row-normalised A_s (N_a x C_s), B_s, A_t, B_t (S = A_s B_s^T, T = A_t B_t^T):
+    ``sum (S-T)^2 = <A_s^T A_s, B_s^T B_s> + <A_t^T A_t, B_t^T B_t> - 2 <A_s^T A_t, B_s^T B_t>``
+    (Frobenius products of C_s x C_s, C_t x C_t and C_s x C_t matrices): O(N C^2) instead of
+    O(N^2 C). The three terms nearly cancel when S ~ T, so the normalisation, the Gram matrices
+    and the contraction are all in float64 (relative error ~1e-16 x sum S^2 / sum (S-T)^2).
+    Backward is autograd through the same float64 matmuls (C x C products again).
+    """
+    acc = acc_dtype(student_a.dtype)
+    d = torch.float64
+    sa = pairwise_normalize(student_a, eps, detach_norm, d)
+    ta = pairwise_normalize(teacher_a, eps, detach_norm, d)
+    self_sim = student_b is None and teacher_b is None
+    sb = sa if student_b is None else pairwise_normalize(student_b, eps, detach_norm, d)
+    tb = ta if teacher_b is None else pairwise_normalize(teacher_b, eps, detach_norm, d)
+    B, Na, Nb = sa.shape[0], sa.shape[1], sb.shape[1]
+
+    def gram(x, y):  # (B,N,Cx),(B,N,Cy) -> (B,Cx,Cy)
+        return x.transpose(1, 2) @ y
+
+    g_ss_a, g_tt_a, g_st_a = gram(sa, sa), gram(ta, ta), gram(sa, ta)
+    if self_sim:
+        g_ss_b, g_tt_b, g_st_b = g_ss_a, g_tt_a, g_st_a
+    else:
+        g_ss_b, g_tt_b, g_st_b = gram(sb, sb), gram(tb, tb), gram(sb, tb)
+    total = (g_ss_a * g_ss_b).sum() + (g_tt_a * g_tt_b).sum() - 2.0 * (g_st_a * g_st_b).sum()
+    return (total / (B * Na * Nb)).to(acc)
+
+
+def mf_self_similarity(feat: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(B,C,H,W) -> (B,N,N), N = H*W: ``A[b,i,j] = x_i.x_j / (max(|x_i|,eps) max(|x_j|,eps))`` with
+    x_i = feat[b,:,i]: the self-similarity map A(F_t, F_t) of multi-frame distillation."""
+    x = unit_vectors(feat.flatten(2), 1, eps)
+    return torch.bmm(x.transpose(1, 2), x)

@@ -1,8 +1,8 @@
-// C++ CPU kernels of the fused temporal loss, math from kernels/temporal_loss.h.
+// C++ CPU kernels of the fused temporal loss, math from temporal_loss.h.
 //
 // float64 runs the GPU's per-pixel function temporal_loss_pixel verbatim (so the float64 tests,
 // gradcheck included, exercise the CUDA kernel's code). float/half/bfloat16 run the same
-// formulas with explicit SIMD (cpu/temporal_loss_simd.h, compiled for AVX-512, AVX2 and the
+// formulas with explicit SIMD (temporal_loss_simd.h, compiled for AVX-512, AVX2 and the
 // baseline and picked at run time): per-pixel and per-channel work runs along x over chunks of
 // kTile pixels, channel plane by channel plane, while the bilinear corners are read from (and
 // the gradient scattered into) a channel-blocked copy, one vector per corner and block of L
@@ -36,7 +36,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "../temporal_loss_host.h"
+#include "temporal_loss/temporal_loss_host.h"
 
 namespace tcloss {
 namespace {
@@ -80,9 +80,9 @@ struct Ctx {
   float* gptk;  // (B,C,H,W), zeroed, or null
 };
 
-// temporal_loss_simd.h once per instruction set (cpu/isa.h); run_isa() picks one at first use.
-#define TC_ISA_BODY "temporal_loss_simd.h"
-#include "isa.h"
+// temporal_loss_simd.h once per instruction set (common/isa.h); run_isa() picks one at first use.
+#define TC_ISA_BODY "temporal_loss/temporal_loss_simd.h"
+#include "common/isa.h"
 #undef TC_ISA_BODY
 
 void run_isa(const Ctx<float>& X, const float* ptk) { TC_ISA_CALL(run_f32, X, ptk) }
