@@ -12,8 +12,6 @@ Upstream gradients that are not used (h' or c' does not reach the loss) arrive a
 """
 from __future__ import annotations
 
-import torch
-
 from .._dtypes import acc_dtype
 from . import fwd_op as _fwd_op
 from . import register_op_pair

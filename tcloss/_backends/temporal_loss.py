@@ -13,8 +13,6 @@ tensors from the forward to the backward, and cannot serve reduction="none".
 """
 from __future__ import annotations
 
-import torch
-
 from .._checks import check_backend, check_bool, check_choice, check_real
 from .._dtypes import acc_dtype
 from . import fwd_op as _fwd_op
