@@ -74,6 +74,32 @@ def _acc(x, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _peepholes(peep_ptr, N, j, jm, HAS_PEEP: tl.constexpr):
+    """w_i, w_f, w_o at elements j (0.0 without peepholes)."""
+    wi = 0.0
+    wf = 0.0
+    wo = 0.0
+    if HAS_PEEP:
+        wi = tl.load(peep_ptr + j, mask=jm, other=0.0)
+        wf = tl.load(peep_ptr + N + j, mask=jm, other=0.0)
+        wo = tl.load(peep_ptr + 2 * N + j, mask=jm, other=0.0)
+    return wi, wf, wo
+
+
+@triton.jit
+def _cell(gates_ptr, c_ptr, o4, o1, N, m, wi, wf, wo, HAS_PEEP: tl.constexpr, IS_F64: tl.constexpr):
+    """c and i, f, g, o, c', tanh(c') of the elements at offsets o4 (gates: a_i there, a_f, a_g,
+    a_o N apart) and o1 (c)."""
+    ai = _acc(tl.load(gates_ptr + o4, mask=m, other=0.0), IS_F64)
+    af = _acc(tl.load(gates_ptr + o4 + N, mask=m, other=0.0), IS_F64)
+    ag = _acc(tl.load(gates_ptr + o4 + 2 * N, mask=m, other=0.0), IS_F64)
+    ao = _acc(tl.load(gates_ptr + o4 + 3 * N, mask=m, other=0.0), IS_F64)
+    c = _acc(tl.load(c_ptr + o1, mask=m, other=0.0), IS_F64)
+    i, f, g, o, cn, t = _gates(ai, af, ag, ao, c, wi, wf, wo, HAS_PEEP)
+    return c, i, f, g, o, cn, t
+
+
+@triton.jit
 def _convlstm_fwd_kernel(gates_ptr, c_ptr, peep_ptr, h_ptr, cn_ptr, B, N, BPER,
                          HAS_PEEP: tl.constexpr, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
     """Per element (b, j), a_* = gates[b, {0,1,2,3}*Hd + k, y, x] (order i, f, g, o):
@@ -83,24 +109,13 @@ def _convlstm_fwd_kernel(gates_ptr, c_ptr, peep_ptr, h_ptr, cn_ptr, B, N, BPER,
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     jm = j < N
     b0 = tl.program_id(1).to(tl.int64) * BPER
-    wi = 0.0
-    wf = 0.0
-    wo = 0.0
-    if HAS_PEEP:
-        wi = tl.load(peep_ptr + j, mask=jm, other=0.0)
-        wf = tl.load(peep_ptr + N + j, mask=jm, other=0.0)
-        wo = tl.load(peep_ptr + 2 * N + j, mask=jm, other=0.0)
+    wi, wf, wo = _peepholes(peep_ptr, N, j, jm, HAS_PEEP)
     for bb in range(0, BPER):
         b = b0 + bb
         m = jm & (b < B)
         o4 = b * 4 * N + j
         o1 = b * N + j
-        ai = _acc(tl.load(gates_ptr + o4, mask=m, other=0.0), IS_F64)
-        af = _acc(tl.load(gates_ptr + o4 + N, mask=m, other=0.0), IS_F64)
-        ag = _acc(tl.load(gates_ptr + o4 + 2 * N, mask=m, other=0.0), IS_F64)
-        ao = _acc(tl.load(gates_ptr + o4 + 3 * N, mask=m, other=0.0), IS_F64)
-        c = _acc(tl.load(c_ptr + o1, mask=m, other=0.0), IS_F64)
-        i, f, g, o, cn, t = _gates(ai, af, ag, ao, c, wi, wf, wo, HAS_PEEP)
+        c, i, f, g, o, cn, t = _cell(gates_ptr, c_ptr, o4, o1, N, m, wi, wf, wo, HAS_PEEP, IS_F64)
         tl.store(cn_ptr + o1, cn.to(cn_ptr.dtype.element_ty), mask=m)
         tl.store(h_ptr + o1, (o * t).to(h_ptr.dtype.element_ty), mask=m)
 
@@ -119,13 +134,7 @@ def _convlstm_bwd_kernel(gates_ptr, c_ptr, peep_ptr, dh_ptr, dcn_ptr, ggates_ptr
     jm = j < N
     chunk = tl.program_id(1).to(tl.int64)
     b0 = chunk * BPER
-    wi = 0.0
-    wf = 0.0
-    wo = 0.0
-    if HAS_PEEP:
-        wi = tl.load(peep_ptr + j, mask=jm, other=0.0)
-        wf = tl.load(peep_ptr + N + j, mask=jm, other=0.0)
-        wo = tl.load(peep_ptr + 2 * N + j, mask=jm, other=0.0)
+    wi, wf, wo = _peepholes(peep_ptr, N, j, jm, HAS_PEEP)
     if IS_F64:
         zero = tl.zeros([BLOCK], dtype=tl.float64)
     else:
@@ -138,12 +147,7 @@ def _convlstm_bwd_kernel(gates_ptr, c_ptr, peep_ptr, dh_ptr, dcn_ptr, ggates_ptr
         m = jm & (b < B)
         o4 = b * 4 * N + j
         o1 = b * N + j
-        ai = _acc(tl.load(gates_ptr + o4, mask=m, other=0.0), IS_F64)
-        af = _acc(tl.load(gates_ptr + o4 + N, mask=m, other=0.0), IS_F64)
-        ag = _acc(tl.load(gates_ptr + o4 + 2 * N, mask=m, other=0.0), IS_F64)
-        ao = _acc(tl.load(gates_ptr + o4 + 3 * N, mask=m, other=0.0), IS_F64)
-        c = _acc(tl.load(c_ptr + o1, mask=m, other=0.0), IS_F64)
-        i, f, g, o, cn, t = _gates(ai, af, ag, ao, c, wi, wf, wo, HAS_PEEP)
+        c, i, f, g, o, cn, t = _cell(gates_ptr, c_ptr, o4, o1, N, m, wi, wf, wo, HAS_PEEP, IS_F64)
         dC = zero
         dao = zero
         if HAS_DH:
