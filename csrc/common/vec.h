@@ -1,5 +1,6 @@
 // Vector helpers of the CPU kernels over L lanes (GCC vector extensions), included by
 // isa.h once per instruction set, after L, vf, vi, loadn and storen are defined.
+#include "exp.h"
 
 TC_INLINE vf splat(float v) { return vf{} + v; }
 TC_INLINE vi splati(int32_t v) { return vi{} + v; }
@@ -17,22 +18,13 @@ TC_INLINE vf vfloor(vf v) {
   return t > v ? t - 1.f : t;
 }
 
-// exp(x) for x <= 0 (softmax arguments, -p r): 2^n * p(r), r = x - n ln2, Cephes' degree-6
-// polynomial (~1 ulp). NaN stays NaN, x < -87.3 gives 0.
+// exp(x) for x <= 0 (softmax arguments, -p r): 2^n e^r with n = round(x / ln2) (exp.h). NaN
+// stays NaN, x < -87.3 gives 0.
 TC_INLINE vf vexp_nonpos(vf x) {
   const vi keep = x >= -87.3f;  // false for NaN and -inf
   const vf xc = keep ? x : splat(-87.3f);
   const vf n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  vf y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const vf scale = (vf)((__builtin_convertvector(n, vi) + 127) << 23);
-  return keep ? y * scale : (x == x ? vf{} : x);  // below -87.3 (-inf too): 0; NaN: NaN
+  return keep ? exp_reduced<vf, vi>(xc, n) : (x == x ? vf{} : x);  // below -87.3 (-inf too): 0; NaN: NaN
 }
 
 // Contiguous loads/stores of m <= L elements (a chunk's last vector may be partial: the lanes

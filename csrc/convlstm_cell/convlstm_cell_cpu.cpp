@@ -4,10 +4,10 @@
 // peephole partial sums of the task's columns stay in its own slice of the partial buffer.
 //
 // Speed: for float, half and bfloat16 the column loop runs the shared element formulas on
-// 8-lane GCC vectors (v8f) with VecMath, a branch-free exp (Cody-Waite reduction + the Cephes
-// degree-6 polynomial, ~1 ulp) in place of libm's scalar expf/tanhf; on x86 the task bodies are
-// compiled a second time for AVX2+FMA, picked at run time. float64 keeps scalar libm (it is the
-// gradcheck precision, not a speed path).
+// 8-lane GCC vectors (v8f) with VecMath, a branch-free exp (common/exp.h: Cody-Waite reduction +
+// the Cephes degree-6 polynomial, ~1 ulp) in place of libm's scalar expf/tanhf; on x86 the task
+// bodies are compiled a second time for AVX2+FMA, picked at run time. float64 keeps scalar libm
+// (it is the gradcheck precision, not a speed path).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -39,6 +39,8 @@ namespace {
 
 constexpr int64_t kColBlock = 2048;
 
+#include "common/exp.h"
+
 // 8 float lanes as a GCC vector type: the element formulas of convlstm_cell.h run on it
 // unchanged (one SSE/AVX instruction per operation; AVX2+FMA in the *_avx2 clones below).
 typedef float v8f __attribute__((vector_size(32)));
@@ -50,27 +52,15 @@ TCLOSS_ALWAYS_INLINE v8f splat(float x) { return v8f{} + x; }
 // Vectorised transcendentals (v8f); scalar double goes to libm (the gradcheck precision).
 struct VecMath {
   static TCLOSS_ALWAYS_INLINE v8f exp(v8f x) {
-    // exp(x) = 2^k e^r, k = round(x log2 e), |r| <= ln2/2, e^r by the Cephes degree-6
-    // polynomial (~1 ulp). Outside [-87, 88] the result is 0 or inf (the true values there are
-    // below 1.7e-38 or above 1.6e38: no difference to a sigmoid or tanh in float).
+    // 2^k e^r, k = round(x log2 e) (common/exp.h). Outside [-87, 88] the result is 0 or inf
+    // (the true values there are below 1.7e-38 or above 1.6e38: no difference to a sigmoid or
+    // tanh in float).
     const v8f lo = splat(-87.0f), hi = splat(88.0f);
     v8f xc = x < lo ? lo : x;
     xc = xc > hi ? hi : xc;
     const v8f fx = xc * 1.44269504088896341f;
     const v8i k = __builtin_convertvector(fx + (fx >= 0 ? splat(0.5f) : splat(-0.5f)), v8i);
-    const v8f kf = __builtin_convertvector(k, v8f);
-    v8f r = xc - kf * 0.693359375f;
-    r = r + kf * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4 (Cody-Waite)
-    const v8f r2 = r * r;
-    v8f p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    const v8i bits = (k + 127) << 23;  // 2^k as float bits
-    v8f y = p * (v8f)bits;  // same-size vector cast: a bit cast
+    v8f y = exp_reduced<v8f, v8i>(xc, __builtin_convertvector(k, v8f));
     y = x > hi ? splat(__builtin_inff()) : y;
     y = x < lo ? splat(0.0f) : y;
     return x != x ? x : y;  // NaN propagates
