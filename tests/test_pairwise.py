@@ -358,6 +358,8 @@ def test_auto_algorithm_rule():
     assert choose("auto", "kl", "triton", "cuda", 8192, 8192, 128, 512, B=4) == "naive"  # 2^28 pairs
     assert choose("auto", "kl", "triton", "cuda", 8192, 8192, 128, 512, B=5) == "blocked"  # maps > 2^28 pairs
     assert choose("auto", "kl", "triton", "cuda", 32768, 32768, 128, 512) == "blocked"
+    assert choose("auto", "kl", "triton", "cuda", 4096, 4096, 19, 19, B=32) == "blocked"  # small maps, but 32 of them
+    assert choose("auto", "mse", "triton", "cuda", 4096, 4096, 19, 19, B=32) == "gram"
     assert choose("auto", "kl", "reference", "cuda", 32768, 32768, 19, 19) == "naive"
     assert choose("auto", "kl", "cpp", "cpu", 2304, 2304, 19, 19) == "blocked"
     assert choose("auto", "kl", "cpp", "cpu", 576, 576, 19, 19) == "blocked"

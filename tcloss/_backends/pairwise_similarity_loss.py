@@ -115,8 +115,8 @@ def fwd_op(backend: str):
 # 71.0) they cross at C_s + C_t ~ 200 (ieee), ~460 (tf32) and beyond 1000 (bf16): blocked
 # below (1.10x naive at N = 8192, C 19/19; 2.15x at N = 32768), naive above, as long as its
 # maps are modest: naive's peak is ~28 bytes a pair (kl; 28 GiB at N = 32768), so above
-# 2^28 pairs (B N_a N_b; ~7 GiB) auto takes blocked whatever it costs in time (0.54x naive at
-# N = 32768, C 128/512, ieee), rather than run a 24-80 GB card out of memory.
+# 2^28 pairs (B N_a N_b; ~7 GiB) auto never takes naive, whatever it costs in time (0.54x naive
+# at N = 32768, C 128/512, ieee), rather than run a 24-80 GB card out of memory.
 GRAM_MAX_CHANNEL_RATIO = {"cpu": 1.0, "other": 2.0}
 CPU_NAIVE_PAIRS_PER_CHANNEL = 4096
 GPU_NAIVE_PAIRS = 4096 * 4096
@@ -128,21 +128,23 @@ def choose_algorithm(algorithm: str, loss: str, backend: str, device_type: str, 
                      Ct: int, B: int = 1, precision: str = "ieee") -> str:
     """The algorithm a call runs; ``auto``: on the CPU naive where the maps are small (``N_a N_b
     <= 4096 (C_s + C_t)``), else gram for mse when ``C_s + C_t <= min(N_a, N_b)``, else blocked;
-    on a GPU naive up to ``N_a N_b = 4096^2``, else gram for mse when ``C_s + C_t <= 2 min(N_a,
-    N_b)``, else naive where the channels are many for the precision (``GPU_BLOCKED_MAX_CHANNELS``)
-    and the maps modest (``B N_a N_b <= 2^28``), else blocked. The reference backend (no blocked
+    on a GPU, where naive's maps stay modest (``B N_a N_b <= 2^28``), naive up to ``N_a N_b =
+    4096^2`` or where the channels are many for the precision (``GPU_BLOCKED_MAX_CHANNELS``), else
+    gram for mse when ``C_s + C_t <= 2 min(N_a, N_b)``, else blocked. The reference backend (no blocked
     kernel) takes naive where blocked would be chosen."""
     if algorithm != "auto":
         return algorithm
     cpu = device_type == "cpu"
     C = Cs + Ct
-    if Na * Nb <= (CPU_NAIVE_PAIRS_PER_CHANNEL * C if cpu else GPU_NAIVE_PAIRS):
+    modest = B * Na * Nb <= GPU_NAIVE_MAX_PAIRS  # naive's maps, on a GPU
+    small = (Na * Nb <= CPU_NAIVE_PAIRS_PER_CHANNEL * C) if cpu else (Na * Nb <= GPU_NAIVE_PAIRS and modest)
+    if small:
         return "naive"
     if loss == "mse" and C <= GRAM_MAX_CHANNEL_RATIO["cpu" if cpu else "other"] * min(Na, Nb):
         return "gram"
     if backend == "reference":
         return "naive"
-    if not cpu and C > GPU_BLOCKED_MAX_CHANNELS[precision] and B * Na * Nb <= GPU_NAIVE_MAX_PAIRS:
+    if not cpu and C > GPU_BLOCKED_MAX_CHANNELS[precision] and modest:
         return "naive"
     return "blocked"
 
