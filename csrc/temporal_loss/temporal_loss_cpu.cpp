@@ -175,7 +175,7 @@ void rows_per_pixel(const TLTensors& T, const SoftmaxStats<acc_t>* st_tk, int64_
       const int64_t i = r * P.W + x;
       acc_t l;
       if (P.g_pt || P.g_ptk || P.g_flow) {
-        const acc_t g = mul * (grad ? grad[grad_map ? i : 0] : acc_t(1));
+        const acc_t g = mul * grad[grad_map ? i : 0];
         l = temporal_loss_pixel<true, scalar_t, acc_t, int64_t>(P, I, r % P.H, x, g, scatter);
       } else {
         l = temporal_loss_pixel<false, scalar_t, acc_t, int64_t>(P, I, r % P.H, x, acc_t(0), scatter);

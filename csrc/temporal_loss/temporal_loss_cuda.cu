@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kGrads, acc_t, index_t>)
   const index_t pix = y * W + x;
   for (int64_t b = blockIdx.y; b < P.B; b += gridDim.y) {
     const TLItem<scalar_t, acc_t> I = tl_item<scalar_t, acc_t>(P, b, pt, ptk, flow, it, itk, st_tk, gpt, gptk, gfl);
-    const acc_t g = kGrads ? grad_mul * (grad ? grad[grad_map ? b * HW + pix : 0] : acc_t(1)) : acc_t(0);
+    const acc_t g = kGrads ? grad_mul * grad[grad_map ? b * HW + pix : 0] : acc_t(0);
     WarpScatter<acc_t, index_t> scatter;
     const acc_t l = temporal_loss_pixel<kGrads, scalar_t, acc_t, index_t>(P, I, y, x, g, scatter);
     if (loss) loss[b * HW + pix] = l;

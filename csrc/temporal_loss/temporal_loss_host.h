@@ -30,7 +30,7 @@ struct TLTensors {
   at::Tensor pt, ptk, flow, it, itk;  // contiguous; flow/images in the accumulation dtype
   at::Tensor loss_map;                // (B,H,W) acc dtype; forward only (undefined in backward)
   at::Tensor g_pt, g_ptk_acc, g_flow; // gradients (undefined when not requested)
-  at::Tensor grad;                    // dL/dl: scalar or (B,H,W), acc dtype; undefined = 1
+  at::Tensor grad;                    // dL/dl: scalar or (B,H,W), acc dtype; backward only
   double grad_mul = 1.0;              // 1/(BHW) for mean
 };
 

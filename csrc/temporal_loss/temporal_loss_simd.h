@@ -315,7 +315,7 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I,
   if (kGrads)
     for (int64_t j = 0; j < n; j += L) {
       const int64_t m = std::min<int64_t>(L, n - j);
-      const vf g = splat(X.grad_mul) * (!X.grad ? splat(1.f) : X.grad_map ? load(X.grad + i0 + j, m) : splat(X.grad[0]));
+      const vf g = splat(X.grad_mul) * (X.grad_map ? load(X.grad + i0 + j, m) : splat(X.grad[0]));
       // a non-finite flow gives a NaN loss and no gradient, as in the reference
       vput(R.k2, j, sel(vgeti(R.t.finite, j), 2.f * g * vget(R.vp, j), splat(0.f)));  // dl/d(diff) = 2 g V^p diff
     }
