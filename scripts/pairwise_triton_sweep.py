@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]  # tcloss and bench_pairwise, here and in the workers
 
 # (BLOCK rows, BLOCK columns, BLOCK channels, num_warps, num_stages)
 CONFIGS = [
