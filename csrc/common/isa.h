@@ -36,6 +36,7 @@ TC_INLINE vf loadn(const float* p, int n) {
 TC_INLINE void storen(float* p, vf v, int n) {
   for (int l = 0; l < n; ++l) p[l] = v[l];
 }
+TC_INLINE vf vfma(vf a, vf b, vf c) { return a * b + c; }
 #include "vec.h"
 #include TC_ISA_BODY
 }  // namespace v4
@@ -50,6 +51,7 @@ typedef int32_t vi __attribute__((vector_size(32)));
 TC_INLINE __m256i lanes_below(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
 TC_INLINE vf loadn(const float* p, int n) { return (vf)_mm256_maskload_ps(p, lanes_below(n)); }
 TC_INLINE void storen(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), (__m256)v); }
+TC_INLINE vf vfma(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 #include "vec.h"
 #include TC_ISA_BODY
 }  // namespace v8
@@ -63,6 +65,7 @@ typedef int32_t vi __attribute__((vector_size(64)));
 TC_INLINE __mmask16 lanes_below(int n) { return static_cast<__mmask16>((1u << n) - 1); }
 TC_INLINE vf loadn(const float* p, int n) { return (vf)_mm512_maskz_loadu_ps(lanes_below(n), p); }
 TC_INLINE void storen(float* p, vf v, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), (__m512)v); }
+TC_INLINE vf vfma(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 #include "vec.h"
 #include TC_ISA_BODY
 }  // namespace v16

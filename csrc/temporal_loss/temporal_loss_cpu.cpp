@@ -14,10 +14,13 @@
 //     img_tk, written blocked into one buffer of (C + Ci) H W floats.
 //  A. chunks down kTile-wide strips (the corners a random flow reaches stay in L2): taps,
 //     occlusion weight V^p, q_t, the warped corners and their flow derivatives (transposed
-//     to planar), then the channel loop: loss, d flow, and per-pixel state for pass B.
-//  B. blocks of channels, backward only: d pred_t, and d q_tk = sum of w_k (-dq) scattered
-//     into its blocked buffer (d pred_tk's own) in a fixed pixel order: no atomics, and the
-//     same bits for any number of threads.
+//     to planar), then the channel loop: loss, d flow, d pred_t, and per-pixel state for pass B.
+//  B. blocks of channels, backward only: d q_tk = sum of w_k (-dq) scattered into its blocked
+//     buffer (d pred_tk's own) in a fixed pixel order: no atomics, and the same bits for any
+//     number of threads. Where every thread can own whole batch items (one thread, or B at least
+//     the thread count) pass A scatters instead, in the same pixel order, and pass B (its second
+//     gather of the corners) is skipped: each thread runs all passes of its batch items, each
+//     with a corner source of its own.
 //  C. pixels: d pred_tk = q (d q - <q, d q>) blocked, over the corner source, then transposed
 //     into d pred_tk's buffer.
 #include <ATen/Parallel.h>
@@ -62,7 +65,10 @@ void parallel_items(int64_t n, int64_t chunk, MakeWorker make) {
 template <typename S>
 struct Ctx {
   const S* pt;
-  float* q;  // one batch item's corner source and img_tk, channel-blocked (simd.h: Blocked, run)
+  float* q;        // q_count buffers of q_size floats: one batch item's corner source and img_tk,
+  int64_t q_size;  // channel-blocked, each followed by kQPad zeros (simd.h: Blocked, run_item)
+  int64_t q_count;
+  bool fused;      // backward, one batch item per thread: pass A scatters (simd.h: run)
   const float *flow, *it, *itk, *grad;
   bool grad_map;
   float grad_mul;
@@ -74,8 +80,8 @@ struct Ctx {
   float* loss;  // (B,H,W) or null
   float* gfl;   // (B,2,H,W) or null
   // per-pixel state of one batch item from pass A for pass B (null: no pass B), each H*W:
-  // softmax statistics of pred_t, 2 g V^p and <q_t, dq>
-  float *st_m, *st_r, *st_k2, *st_dt;
+  // softmax statistics of pred_t and 2 g V^p
+  float *st_m, *st_r, *st_k2;
   S* gpt;       // (B,C,H,W) or null
   float* gptk;  // (B,C,H,W), zeroed, or null
 };
@@ -125,18 +131,25 @@ void run_rows(const TLTensors& T) {
   X.gpt = P.g_pt ? T.g_pt.data_ptr<S>() : nullptr;
   X.gptk = P.g_ptk ? T.g_ptk_acc.data_ptr<float>() : nullptr;
 
-  // one batch item's corner source at a time, and its per-pixel state for pass B
-  // one batch item's corner source and img_tk, channel-blocked, each followed by kQPad zeros
-  at::Tensor qbuf = at::empty({(P.C + P.Ci) * HW + 2 * kQPad}, T.flow.options());
+  // The backward with d pred_tk fuses its scatter into pass A where each thread can own whole
+  // batch items (one thread, or at least a batch item per thread); else pass B scatters, one
+  // thread per block of channels, from pass A's per-pixel state. The same bits either way.
+  const int64_t threads = at::get_num_threads();
+  X.fused = P.g_ptk && (threads == 1 || P.B >= threads);
+  // the corner source and img_tk, channel-blocked, each followed by kQPad zeros: one batch item
+  // at a time, or (fused) one per thread
+  X.q_size = (P.C + P.Ci) * HW + 2 * kQPad;
+  X.q_count = X.fused ? std::min(threads, P.B) : 1;
+  at::Tensor qbuf = at::empty({X.q_count, X.q_size}, T.flow.options());
   advise_huge_pages(qbuf);
-  qbuf.narrow(0, P.C * HW, kQPad).zero_();
-  qbuf.narrow(0, (P.C + P.Ci) * HW + kQPad, kQPad).zero_();
+  qbuf.narrow(1, P.C * HW, kQPad).zero_();
+  qbuf.narrow(1, (P.C + P.Ci) * HW + kQPad, kQPad).zero_();
   X.q = qbuf.data_ptr<float>();
   at::Tensor state;
-  if (P.g_pt || P.g_ptk) {
-    state = at::empty({4, HW}, T.flow.options());
+  if (P.g_ptk && !X.fused) {
+    state = at::empty({3, HW}, T.flow.options());
     float* s = state.data_ptr<float>();
-    X.st_m = s, X.st_r = s + HW, X.st_k2 = s + 2 * HW, X.st_dt = s + 3 * HW;
+    X.st_m = s, X.st_r = s + HW, X.st_k2 = s + 2 * HW;
   }
   run_isa(X, T.ptk.data_ptr<S>());
 }
@@ -222,8 +235,9 @@ void run_cpu(TLTensors& T) {
     if constexpr (std::is_same_v<scalar_t, double>) {
       run_per_pixel<scalar_t, acc_t>(T);
     } else {
-      // int32 offsets inside a plane; a plane of 2^31 pixels takes the per-pixel path
-      if (T.P.H * T.P.W < (int64_t(1) << 31)) run_rows<scalar_t>(T);
+      // int32 offsets into one batch item's blocked buffers ((C + Ci) H W + 2 kQPad floats);
+      // larger images take the per-pixel path
+      if ((T.P.C + T.P.Ci) * T.P.H * T.P.W + 2 * kQPad < (int64_t(1) << 31)) run_rows<scalar_t>(T);
       else run_per_pixel<scalar_t, acc_t>(T);
     }
   });

@@ -92,22 +92,25 @@ TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t 
   }
 }
 
+// The taps of pixels [x0, x0 + kTile) of row y of batch item b.
+template <typename S>
+TC_INLINE void chunk_taps_at(const Ctx<S>& X, int64_t b, int64_t y, int64_t x0, Taps& t) {
+  const int64_t pix0 = y * X.W + x0;
+  chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, std::min(kTile, X.W - x0), X.H,
+             X.W, X.zeros_pad, t);
+}
+
 // Where the four corners of the chunk's pixels start in block g, in floats from Q.q; an
 // invalid corner points at the L zeros past the last block (kQPad), so that reads need
 // no mask and an invalid corner reads exactly 0 (never 0 * whatever lies at pixel 0).
 struct CornerOffsets {
-  alignas(64) int64_t off[4][kTile];
+  alignas(64) int32_t off[4][kTile];  // int32: run_rows takes buffers of fewer than 2^31 floats
 };
 TC_INLINE void block_offsets(const Blocked& Q, int64_t g, const Taps& t, int64_t n, CornerOffsets& o) {
-  typedef int64_t vl __attribute__((vector_size(8 * L)));
-  const vl base = vl{} + Q.lo(g) * Q.HW, pad = vl{} + Q.C * Q.HW;
-  const int64_t w = Q.width(g);
+  const vi base = splati(static_cast<int32_t>(Q.lo(g) * Q.HW)), pad = splati(static_cast<int32_t>(Q.C * Q.HW));
+  const int32_t w = Q.width(g);
   for (int64_t j = 0; j < n; j += L)
-    for (int k = 0; k < 4; ++k) {
-      const vl idx = __builtin_convertvector(vgeti(t.idx[k], j), vl), ok = __builtin_convertvector(vgeti(t.valid[k], j), vl);
-      const vl v = ok ? base + idx * w : pad;
-      std::memcpy(o.off[k] + j, &v, sizeof(v));
-    }
+    for (int k = 0; k < 4; ++k) vputi(o.off[k], j, vgeti(t.valid[k], j) ? base + vgeti(t.idx[k], j) * w : pad);
 }
 
 // The four corners of pixel j (w channels each), with those of pixel j + kAhead prefetched
@@ -122,9 +125,50 @@ TC_INLINE void prefetch_corners(const float* q, const CornerOffsets& o, int64_t 
   for (int64_t j = 0; j < std::min(n, kAhead); ++j)
     for (int k = 0; k < 4; ++k) __builtin_prefetch(q + o.off[k][j]);
 }
-TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
-  return wk[j] * c[0] + wk[kTile + j] * c[1] + wk[2 * kTile + j] * c[2] + wk[3 * kTile + j] * c[3];
+// Every corner of a chunk in each block of Q, prefetched a whole chunk before its use: a random
+// flow's corners reach lines no earlier chunk touched (L3 or DRAM latency, which a few pixels of
+// prefetch distance do not hide).
+TC_INLINE void prefetch_chunk(const Blocked& Q, const Taps& t, int64_t n) {
+  for (int64_t g = 0; g < Q.blocks(); ++g) {
+    const float* base = Q.block(g);
+    const int64_t w = Q.width(g);
+    for (int64_t j = 0; j < n; ++j)
+      for (int k = 0; k < 4; ++k) __builtin_prefetch(base + t.idx[k][j] * w);
+  }
 }
+// The fused multiply-adds are explicit: the scatter's dq, from pass A (fused) or pass B, must have
+// the same bits, and the compiler contracts a sum of products differently in different places.
+TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
+  return vfma(splat(wk[3 * kTile + j]), c[3],
+              vfma(splat(wk[2 * kTile + j]), c[2], vfma(splat(wk[kTile + j]), c[1], wk[j] * c[0])));
+}
+
+// The backward's scatter of pixel j: w_k (-dq) added into the four corners of d q_tk (G, blocked
+// like the corner source, so the corner offsets are the same), with those of pixel j + kAhead
+// prefetched. Pixels without gradient (k2 = 0) and corners of zero weight (outside the image
+// included; an invalid corner's offset is never used) add nothing: not 0 * a possibly infinite dq.
+TC_INLINE void scatter_corners(float* G, int w, const CornerOffsets& o, const Taps& t, int64_t j, int64_t n, float k2,
+                               vf dq) {
+  if (j + kAhead < n)
+    for (int k = 0; k < 4; ++k) __builtin_prefetch(G + o.off[k][j + kAhead], 1);
+  if (k2 == 0.f) return;
+  // all loads before the stores: a masked store blocks a later load of the next 64 bytes
+  // (corner 1 follows corner 0 in memory) until it retires
+  vf v[4] = {};
+  for (int k = 0; k < 4; ++k)
+    if (t.w[k][j] != 0.f) v[k] = loadn(G + o.off[k][j], w);
+  for (int k = 0; k < 4; ++k)
+    if (t.w[k][j] != 0.f) storen(G + o.off[k][j], v[k] - t.w[k][j] * dq, w);
+}
+
+// The fused backward's scatter inside pass A (one thread owns the batch item, so its pixels
+// scatter in the order pass B would: the same bits): d q_tk's buffer, and the chunk's planar q_t
+// rows and 2 g V^p.
+struct ChunkScatter {
+  float* g;
+  const float* qt;
+  const float* k2;
+};
 
 // The warped corner source over the chunk, planar: out[c][j] (rows kTile long) = sum_k w_k
 // q_k[c], and with kGrads also the flow derivatives ox = ax_0 (q_1 - q_0) + ax_1 (q_3 - q_2)
@@ -132,22 +176,28 @@ TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
 // per output.
 template <bool kGrads>
 TC_INLINE void warp_channels(const Blocked& Q, const Taps& t, int64_t n, CornerOffsets& o, float* out, float* ox,
-                             float* oy) {
+                             float* oy, const ChunkScatter* sc = nullptr) {
   vf r[3][L];
   for (int64_t g = 0; g < Q.blocks(); ++g) {
     const int w = Q.width(g);
     block_offsets(Q, g, t, n, o);
     prefetch_corners(Q.q, o, n);
     for (int64_t j0 = 0; j0 < n; j0 += L) {
+      vf qt[L];
+      if (sc) {
+        for (int c = 0; c < L; ++c) qt[c] = c < w ? vget(sc->qt + (Q.lo(g) + c) * kTile, j0) : splat(0.f);
+        transpose(qt);
+      }
       for (int l = 0; l < L; ++l) {
+        const int64_t j = j0 + l;
         vf q[4];
-        fetch_corners(Q.q, w, o, j0 + l, n, q);
-        r[0][l] = blend(t.w[0], j0 + l, q);
+        fetch_corners(Q.q, w, o, j, n, q);
+        r[0][l] = blend(t.w[0], j, q);
         if (kGrads) {
-          const int64_t j = j0 + l;
           r[1][l] = t.ax[0][j] * (q[1] - q[0]) + t.ax[1][j] * (q[3] - q[2]);
           r[2][l] = t.ay[0][j] * (q[2] - q[0]) + t.ay[1][j] * (q[3] - q[1]);
         }
+        if (sc && j < n) scatter_corners(sc->g, w, o, t, j, n, sc->k2[j], sc->k2[j] * (qt[l] - r[0][l]));
       }
       float* dst[3] = {out, ox, oy};
       for (int a = 0; a < (kGrads ? 3 : 1); ++a) {
@@ -240,7 +290,8 @@ TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Blocked& 
 // --- pass A: rows ----------------------------------------------------------------------------------
 
 struct RowScratch {
-  Taps t;
+  Taps tb[2];
+  Taps *t = &tb[0], *next = &tb[1];  // this chunk's taps and the next one's
   alignas(64) float vp[kTile];
   alignas(64) float k2[kTile];
   alignas(64) float m[kTile];
@@ -259,7 +310,7 @@ struct RowScratch {
 // corner source (blocked).
 template <typename S>
 TC_INLINE void occlusion_weight(const Ctx<S>& X, const Blocked& I, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {
-  warp_channels<false>(I, R.t, n, R.o, R.img.data(), nullptr, nullptr);
+  warp_channels<false>(I, *R.t, n, R.o, R.img.data(), nullptr, nullptr);
   const vf p = splat(X.mask_power);
   for (int64_t j = 0; j < n; j += L) {
     const int64_t m = std::min<int64_t>(L, n - j);
@@ -299,30 +350,32 @@ TC_INLINE void chunk_accumulate(const Ctx<S>& X, int64_t b, int64_t pix0, int64_
   }
 }
 
-// Pixels [x0, x0 + kTile) of row y. Chunks run down kTile-wide strips of the image (see run), so
-// that the corners a random flow reaches stay in the L2 cache from one chunk to the next.
+// Pixels [x0, x0 + kTile) of row y, with the chunk's taps in R.t. Chunks run down kTile-wide
+// strips of the image (see run), so that the corners a random flow reaches stay in the L2 cache
+// from one chunk to the next. Backward (kGrads): d flow, d pred_t = q_t (dq - <q_t, dq>) (or dq),
+// and, given d q_tk's blocked buffer G (fused: this thread owns the batch item), the scatter.
 template <typename S, bool kGrads>
-TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I, int64_t b, int64_t y, int64_t x0, RowScratch& R) {
+TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I, float* G, int64_t b, int64_t y,
+                            int64_t x0, RowScratch& R) {
   const int64_t W = X.W;
   const vf nan = splat(std::numeric_limits<float>::quiet_NaN());
   const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0, i0 = b * X.HW + pix0;
-  chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, n, X.H, W, X.zeros_pad,
-             R.t);
   occlusion_weight(X, I, b, pix0, n, R);
   if (y + 1 < X.H) prefetch_planes(X.pt + b * X.C * X.HW + pix0 + W, X.C, X.HW, n);
   source_rows<S>(X.pt + b * X.C * X.HW + pix0, X.on_prob, X.C, X.HW, n, R.qt.data(), R.m, R.rinv);
-  warp_channels<kGrads>(Q, R.t, n, R.o, R.warped.data(), R.wx.data(), R.wy.data());
   if (kGrads)
     for (int64_t j = 0; j < n; j += L) {
       const int64_t m = std::min<int64_t>(L, n - j);
       const vf g = splat(X.grad_mul) * (X.grad_map ? load(X.grad + i0 + j, m) : splat(X.grad[0]));
       // a non-finite flow gives a NaN loss and no gradient, as in the reference
-      vput(R.k2, j, sel(vgeti(R.t.finite, j), 2.f * g * vget(R.vp, j), splat(0.f)));  // dl/d(diff) = 2 g V^p diff
+      vput(R.k2, j, sel(vgeti(R.t->finite, j), 2.f * g * vget(R.vp, j), splat(0.f)));  // dl/d(diff) = 2 g V^p diff
     }
+  const ChunkScatter sc{G, R.qt.data(), R.k2};
+  warp_channels<kGrads>(Q, *R.t, n, R.o, R.warped.data(), R.wx.data(), R.wy.data(), kGrads && G ? &sc : nullptr);
   chunk_accumulate<S, kGrads>(X, b, pix0, n, R);
   for (int64_t j = 0; j < n; j += L) {
     const int64_t m = std::min<int64_t>(L, n - j);
-    if (X.loss) store(X.loss + i0 + j, sel(vgeti(R.t.finite, j), vget(R.sumsq, j) * vget(R.vp, j), nan), m);
+    if (X.loss) store(X.loss + i0 + j, sel(vgeti(R.t->finite, j), vget(R.sumsq, j) * vget(R.vp, j), nan), m);
     if (X.gfl) {
       store(X.gfl + (b * 2) * X.HW + pix0 + j, vget(R.gx, j), m);
       store(X.gfl + (b * 2 + 1) * X.HW + pix0 + j, vget(R.gy, j), m);
@@ -331,9 +384,17 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I,
       store(X.st_m + pix0 + j, vget(R.m, j), m);
       store(X.st_r + pix0 + j, vget(R.rinv, j), m);
       store(X.st_k2 + pix0 + j, vget(R.k2, j), m);
-      store(X.st_dt + pix0 + j, vget(R.dt, j), m);
     }
   }
+  if (kGrads && X.gpt)
+    for (int64_t c = 0; c < X.C; ++c) {
+      const float *q = R.qt.data() + c * kTile, *wq = R.warped.data() + c * kTile;
+      S* dst = X.gpt + (b * X.C + c) * X.HW + pix0;
+      for (int64_t j = 0; j < n; j += L) {
+        const vf qt = vget(q, j), dq = vget(R.k2, j) * (qt - vget(wq, j));
+        store(dst + j, X.on_prob ? qt * (dq - vget(R.dt, j)) : dq, std::min<int64_t>(L, n - j));
+      }
+    }
 }
 
 // q_t of a vector of the chunk from pass A's softmax statistics (on="prob") or the scores.
@@ -351,10 +412,9 @@ struct BlockScratch {
   alignas(64) float qt[L][kTile];
 };
 
-// tl_channel_grads per pixel, in the block's channel lanes: q_t (planar, transposed), the
-// warped corners, dq; d pred_t transposed back and written planar, and w_k (-dq) added into the
-// four corners of d q_tk (G, blocked like Q) in pixel order, so the result does not depend on
-// the number of threads.
+// The scatter of tl_channel_grads, in the block's channel lanes: q_t (planar, transposed), the
+// warped corners, dq, and w_k (-dq) added into the four corners of d q_tk (G, blocked like Q) in
+// pixel order, so the result does not depend on the number of threads.
 template <typename S>
 TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G, int64_t b, int64_t g,
                             BlockScratch& B) {
@@ -372,34 +432,18 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G,
         const S* zt = X.pt + (b * X.C + c0 + c) * X.HW + pix0;
         for (int64_t j = 0; j < n; j += L) vput(B.qt[c], j, q_t(X, zt, j, std::min<int64_t>(L, n - j), X.st_m + pix0, X.st_r + pix0));
       }
-      const float *k2 = X.st_k2 + pix0, *dt = X.st_dt + pix0;
+      const float* k2 = X.st_k2 + pix0;
       block_offsets(Q, g, t, n, B.o);
       prefetch_corners(Q.q, o, n);
       for (int64_t j0 = 0; j0 < n; j0 += L) {
-        const int64_t m = std::min<int64_t>(L, n - j0);
-        vf qt[L], d[L] = {};
+        vf qt[L];
         for (int c = 0; c < L; ++c) qt[c] = c < w ? vget(B.qt[c], j0) : splat(0.f);
         transpose(qt);
-        for (int64_t l = 0; l < m; ++l) {
-          const int64_t j = j0 + l;
+        for (int64_t j = j0; j < std::min(n, j0 + L); ++j) {
           vf q[4];
           fetch_corners(Q.q, w, o, j, n, q);
-          if (G.q && j + kAhead < n)
-            for (int k = 0; k < 4; ++k) __builtin_prefetch(G.q + o.off[k][j + kAhead], 1);
-          const vf dq = k2[j] * (qt[l] - blend(t.w[0], j, q));
-          d[l] = X.on_prob ? qt[l] * (dq - dt[j]) : dq;
-          // corners of zero weight (outside the image included) and pixels without gradient
-          // scatter nothing (not 0 * a possibly infinite dq)
-          if (G.q && k2[j] != 0.f)
-            for (int k = 0; k < 4; ++k)
-              if (t.w[k][j] != 0.f) {  // (an invalid corner has weight 0: its offset is never used here)
-                float* a = G.q + o.off[k][j];
-                storen(a, loadn(a, w) - t.w[k][j] * dq, w);
-              }
-        }
-        if (X.gpt) {
-          transpose(d);
-          for (int c = 0; c < w; ++c) store(X.gpt + (b * X.C + c0 + c) * X.HW + pix0 + j0, d[c], m);
+          const vf dq = k2[j] * (qt[j - j0] - blend(t.w[0], j, q));
+          scatter_corners(G.q, w, o, t, j, n, k2[j], dq);
         }
       }
     }
@@ -450,48 +494,80 @@ TC_INLINE void block_to_rows(const Blocked& Q, float* dst, int64_t p0, int64_t p
 
 // --- the passes, one batch item at a time ---------------------------------------------------------
 
+// Items [0, n) of one pass: by parallel_items, or by the calling thread alone (serial).
+template <typename MakeWorker>
+TC_INLINE void pass_items(bool serial, int64_t n, int64_t chunk, MakeWorker make) {
+  if (!serial) return parallel_items(n, chunk, make);
+  if (n > 0) make()(0, n);
+}
+
+// The passes of batch item b, over its corner source buffer q ((C + Ci) H W + 2 kQPad floats).
+// fused (backward): this thread alone runs them, and pass A scatters into d q_tk (no pass B).
 template <typename S>
-void run(const Ctx<S>& X, const S* ptk) {
+void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
   const int64_t C = X.C, H = X.H, HW = X.HW;
   // the corner source, then kQPad zeros, then img_tk blocked, then kQPad zeros
-  const Blocked Q{X.q, C, HW}, I{X.q + C * HW + kQPad, X.Ci, HW};
+  const Blocked Q{q, C, HW}, I{q + C * HW + kQPad, X.Ci, HW};
+  // d q_tk accumulates in d pred_tk's (zeroed) buffer, blocked; pass C then turns it into
+  // d pred_tk over Q (whose source is no longer needed) and transposes that back.
+  const Blocked G{X.gptk ? X.gptk + b * C * HW : nullptr, C, HW};
   const int64_t strips = (X.W + kTile - 1) / kTile;
-  for (int64_t b = 0; b < X.B; ++b) {
-    const S* ptk_b = ptk + b * C * HW;
-    parallel_items(H, 8, [&] {
-      return [&, Sc = std::make_unique<SourceScratch>(C)](int64_t lo, int64_t hi) {
-        corner_source_rows<S>(X, ptk_b, Q, X.itk + b * X.Ci * HW, I, lo, hi, *Sc);
-      };
-    });
-    parallel_items(strips * H, 8, [&] {
-      return [&, R = std::make_unique<RowScratch>(C, X.Ci)](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const int64_t y = i % H, x0 = i / H * kTile;
-          if (X.grads) pass_a_chunk<S, true>(X, Q, I, b, y, x0, *R);
-          else pass_a_chunk<S, false>(X, Q, I, b, y, x0, *R);
+  const S* ptk_b = ptk + b * C * HW;
+  pass_items(fused, H, 8, [&] {
+    return [&, Sc = std::make_unique<SourceScratch>(C)](int64_t lo, int64_t hi) {
+      corner_source_rows<S>(X, ptk_b, Q, X.itk + b * X.Ci * HW, I, lo, hi, *Sc);
+    };
+  });
+  pass_items(fused, strips * H, 8, [&] {
+    return [&, R = std::make_unique<RowScratch>(C, X.Ci)](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t y = i % H, x0 = i / H * kTile;
+        if (i == lo) chunk_taps_at(X, b, y, x0, *R->t);
+        if (i + 1 < hi) {  // the next chunk's taps, and its corners on their way
+          const int64_t x1 = (i + 1) / H * kTile, n1 = std::min(kTile, X.W - x1);
+          chunk_taps_at(X, b, (i + 1) % H, x1, *R->next);
+          prefetch_chunk(Q, *R->next, n1);
+          prefetch_chunk(I, *R->next, n1);
+          if (fused && G.q) prefetch_chunk(G, *R->next, n1);
         }
-      };
-    });
-    if (!X.gpt && !X.gptk) continue;
-    // d q_tk accumulates in d pred_tk's (zeroed) buffer, blocked; pass C then turns it into
-    // d pred_tk over Q (whose source is no longer needed) and transposes that back.
-    const Blocked G{X.gptk ? X.gptk + b * C * HW : nullptr, C, HW};
+        if (X.grads) pass_a_chunk<S, true>(X, Q, I, fused ? G.q : nullptr, b, y, x0, *R);
+        else pass_a_chunk<S, false>(X, Q, I, nullptr, b, y, x0, *R);
+        std::swap(R->t, R->next);
+      }
+    };
+  });
+  if (!X.gptk) return;
+  if (!fused)
     parallel_items(Q.blocks(), 1, [&] {
       return [&, S_ = std::make_unique<BlockScratch>()](int64_t lo, int64_t hi) {
         for (int64_t g = lo; g < hi; ++g) pass_b_block<S>(X, Q, G, b, g, *S_);
       };
     });
-    if (!X.gptk) continue;
-    const int64_t span = 64 * kTile;
-    parallel_items((HW + span - 1) / span, 1, [&] {
-      return [&](int64_t lo, int64_t hi) {
-        softmax_backward_pixels(Q, G, X.on_prob, lo * span, std::min(HW, hi * span));
-      };
-    });
-    parallel_items((HW + span - 1) / span, 1, [&] {
-      return [&](int64_t lo, int64_t hi) { block_to_rows(Q, G.q, lo * span, std::min(HW, hi * span)); };
-    });
+  const int64_t span = 64 * kTile;
+  pass_items(fused, (HW + span - 1) / span, 1, [&] {
+    return [&](int64_t lo, int64_t hi) {
+      softmax_backward_pixels(Q, G, X.on_prob, lo * span, std::min(HW, hi * span));
+    };
+  });
+  pass_items(fused, (HW + span - 1) / span, 1, [&] {
+    return [&](int64_t lo, int64_t hi) { block_to_rows(Q, G.q, lo * span, std::min(HW, hi * span)); };
+  });
+}
+
+// One batch item at a time, each pass in parallel; or, fused (X.q_count buffers), one batch item
+// per thread.
+template <typename S>
+void run(const Ctx<S>& X, const S* ptk) {
+  if (!X.fused) {
+    for (int64_t b = 0; b < X.B; ++b) run_item(X, ptk, b, X.q, false);
+    return;
   }
+  std::atomic<int64_t> slot{0};  // each worker its own buffer (parallel_items makes at most q_count)
+  parallel_items(X.B, 1, [&] {
+    return [&, q = X.q + slot.fetch_add(1) * X.q_size](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) run_item(X, ptk, b, q, true);
+    };
+  });
 }
 
 void run_f32(const Ctx<float>& X, const float* ptk) { run<float>(X, ptk); }
