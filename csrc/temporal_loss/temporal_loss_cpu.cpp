@@ -11,7 +11,8 @@
 // takes fewer items instead of stalling the region):
 //
 //  0. rows: the corner source q_tk = softmax_C(pred_tk) (on="logit": pred_tk as float) and
-//     img_tk, written blocked into one buffer of (C + Ci) H W floats.
+//     img_tk, written blocked into one buffer of (C + Ci) H W floats; without a scatter into
+//     d pred_tk (the forward, detach_target) as C + Ci channels in shared blocks (one gather).
 //  A. chunks down kTile-wide strips (the corners a random flow reaches stay in L2): taps,
 //     occlusion weight V^p, q_t, the warped corners and their flow derivatives (transposed
 //     to planar), then the channel loop: loss, d flow, d pred_t, and per-pixel state for pass B.
@@ -136,14 +137,14 @@ void run_rows(const TLTensors& T) {
   // thread per block of channels, from pass A's per-pixel state. The same bits either way.
   const int64_t threads = at::get_num_threads();
   X.fused = P.g_ptk && (threads == 1 || P.B >= threads);
-  // the corner source and img_tk, channel-blocked, each followed by kQPad zeros: one batch item
-  // at a time, or (fused) one per thread
+  // the corner source and img_tk, channel-blocked, each followed by kQPad zeros (simd.h:
+  // run_item): one batch item at a time, or (fused) one per thread
   X.q_size = (P.C + P.Ci) * HW + 2 * kQPad;
   X.q_count = X.fused ? std::min(threads, P.B) : 1;
   at::Tensor qbuf = at::empty({X.q_count, X.q_size}, T.flow.options());
   advise_huge_pages(qbuf);
   qbuf.narrow(1, P.C * HW, kQPad).zero_();
-  qbuf.narrow(1, (P.C + P.Ci) * HW + kQPad, kQPad).zero_();
+  qbuf.narrow(1, (P.C + P.Ci) * HW, 2 * kQPad).zero_();  // past img_tk's blocks, or (merged) Q's
   X.q = qbuf.data_ptr<float>();
   at::Tensor state;
   if (P.g_ptk && !X.fused) {

@@ -266,24 +266,29 @@ TC_INLINE void source_rows(const S* src, bool on_prob, int64_t C, int64_t HW, in
 struct SourceScratch {
   alignas(64) float mo[kTile];
   alignas(64) float so[kTile];
-  std::vector<float> q;  // C rows of kTile
-  explicit SourceScratch(int64_t C) : q(static_cast<size_t>(C * kTile)) {}
+  std::vector<float> q;  // C + Ci rows of kTile
+  SourceScratch(int64_t C, int64_t Ci) : q(static_cast<size_t>((C + Ci) * kTile)) {}
 };
 
 // Rows [r0, r1) of batch item ptk (planar) into Q: per chunk, the planar q rows in scratch,
-// then per block and L pixels one transpose and L stores of w(g) floats.
+// then per block and L pixels one transpose and L stores of w(g) floats. img_tk goes into I, or
+// (merged: Q holds C + Ci channels) into Q's blocks after the q channels.
 template <typename S>
 TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Blocked& Q, const float* itk,
                                   const Blocked& I, int64_t r0, int64_t r1, SourceScratch& Sc) {
+  const bool merged = Q.C > X.C;
   for (int64_t y = r0; y < r1; ++y)
     for (int64_t x0 = 0; x0 < X.W; x0 += kTile) {
       const int64_t n = std::min(kTile, X.W - x0), pix0 = y * X.W + x0;
       prefetch_planes(ptk + pix0 + n, X.C, X.HW, std::min(kTile, X.HW - pix0 - n));
       source_rows<S>(ptk + pix0, X.on_prob, X.C, X.HW, n, Sc.q.data(), Sc.mo, Sc.so);
+      if (merged)
+        for (int64_t ci = 0; ci < X.Ci; ++ci) std::memcpy(Sc.q.data() + (X.C + ci) * kTile, itk + ci * X.HW + pix0, n * sizeof(float));
       for (int64_t g = 0; g < Q.blocks(); ++g)
         rows_to_block(Sc.q.data() + Q.lo(g) * kTile, kTile, Q.width(g), n, Q.block(g) + pix0 * Q.width(g));
-      for (int64_t g = 0; g < I.blocks(); ++g)
-        rows_to_block(itk + I.lo(g) * X.HW + pix0, X.HW, I.width(g), n, I.block(g) + pix0 * I.width(g));
+      if (!merged)
+        for (int64_t g = 0; g < I.blocks(); ++g)
+          rows_to_block(itk + I.lo(g) * X.HW + pix0, X.HW, I.width(g), n, I.block(g) + pix0 * I.width(g));
     }
 }
 
@@ -301,22 +306,23 @@ struct RowScratch {
   alignas(64) float gx[kTile];
   alignas(64) float gy[kTile];
   CornerOffsets o;
-  // C rows of kTile: q_t, the warped corner source and its flow derivatives; Ci: the warped img_tk
+  // rows of kTile: q_t (C), the warped corner source and its flow derivatives (C, or C + Ci
+  // merged: then the warped img_tk follows the q channels), the warped img_tk (Ci, unmerged)
   std::vector<float> qt, warped, wx, wy, img;
-  RowScratch(int64_t C, int64_t Ci) : qt(C * kTile), warped(C * kTile), wx(C * kTile), wy(C * kTile), img(Ci * kTile) {}
+  RowScratch(int64_t C, int64_t Ci)
+      : qt(C * kTile), warped((C + Ci) * kTile), wx((C + Ci) * kTile), wy((C + Ci) * kTile), img(Ci * kTile) {}
 };
 
-// V^p of the chunk (mask_weight of temporal_loss.h), from img_tk warped like the
-// corner source (blocked).
+// V^p of the chunk (mask_weight of temporal_loss.h), from img_tk warped like the corner source:
+// `img` its planar rows (kTile long).
 template <typename S>
-TC_INLINE void occlusion_weight(const Ctx<S>& X, const Blocked& I, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {
-  warp_channels<false>(I, *R.t, n, R.o, R.img.data(), nullptr, nullptr);
+TC_INLINE void occlusion_weight(const Ctx<S>& X, const float* img, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {
   const vf p = splat(X.mask_power);
   for (int64_t j = 0; j < n; j += L) {
     const int64_t m = std::min<int64_t>(L, n - j);
     vf s = splat(0.f);
     for (int64_t ci = 0; ci < X.Ci; ++ci) {
-      const vf d = load(X.it + (b * X.Ci + ci) * X.HW + pix0 + j, m) - vget(R.img.data() + ci * kTile, j);
+      const vf d = load(X.it + (b * X.Ci + ci) * X.HW + pix0 + j, m) - vget(img + ci * kTile, j);
       s += X.mask_mode == kSignedSum ? d : (X.mask_mode == kL1 ? vabs(d) : d * d);
     }
     const vf r = X.mask_mode == kSignedSum ? vabs(s) : (X.mask_mode == kL1 ? s : vsqrt(s));
@@ -360,18 +366,26 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I,
   const int64_t W = X.W;
   const vf nan = splat(std::numeric_limits<float>::quiet_NaN());
   const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0, i0 = b * X.HW + pix0;
-  occlusion_weight(X, I, b, pix0, n, R);
+  const bool merged = Q.C > X.C;  // img_tk in Q's blocks: V^p after the warp (no scatter here)
+  const auto weights = [&] {
+    occlusion_weight(X, merged ? R.warped.data() + X.C * kTile : R.img.data(), b, pix0, n, R);
+    if (kGrads)
+      for (int64_t j = 0; j < n; j += L) {
+        const int64_t m = std::min<int64_t>(L, n - j);
+        const vf g = splat(X.grad_mul) * (X.grad_map ? load(X.grad + i0 + j, m) : splat(X.grad[0]));
+        // a non-finite flow gives a NaN loss and no gradient, as in the reference
+        vput(R.k2, j, sel(vgeti(R.t->finite, j), 2.f * g * vget(R.vp, j), splat(0.f)));  // dl/d(diff) = 2 g V^p diff
+      }
+  };
+  if (!merged) {  // the scatter inside the warp needs 2 g V^p first
+    warp_channels<false>(I, *R.t, n, R.o, R.img.data(), nullptr, nullptr);
+    weights();
+  }
   if (y + 1 < X.H) prefetch_planes(X.pt + b * X.C * X.HW + pix0 + W, X.C, X.HW, n);
   source_rows<S>(X.pt + b * X.C * X.HW + pix0, X.on_prob, X.C, X.HW, n, R.qt.data(), R.m, R.rinv);
-  if (kGrads)
-    for (int64_t j = 0; j < n; j += L) {
-      const int64_t m = std::min<int64_t>(L, n - j);
-      const vf g = splat(X.grad_mul) * (X.grad_map ? load(X.grad + i0 + j, m) : splat(X.grad[0]));
-      // a non-finite flow gives a NaN loss and no gradient, as in the reference
-      vput(R.k2, j, sel(vgeti(R.t->finite, j), 2.f * g * vget(R.vp, j), splat(0.f)));  // dl/d(diff) = 2 g V^p diff
-    }
   const ChunkScatter sc{G, R.qt.data(), R.k2};
   warp_channels<kGrads>(Q, *R.t, n, R.o, R.warped.data(), R.wx.data(), R.wy.data(), kGrads && G ? &sc : nullptr);
+  if (merged) weights();
   chunk_accumulate<S, kGrads>(X, b, pix0, n, R);
   for (int64_t j = 0; j < n; j += L) {
     const int64_t m = std::min<int64_t>(L, n - j);
@@ -506,15 +520,18 @@ TC_INLINE void pass_items(bool serial, int64_t n, int64_t chunk, MakeWorker make
 template <typename S>
 void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
   const int64_t C = X.C, H = X.H, HW = X.HW;
-  // the corner source, then kQPad zeros, then img_tk blocked, then kQPad zeros
-  const Blocked Q{q, C, HW}, I{q + C * HW + kQPad, X.Ci, HW};
+  // the corner source, then kQPad zeros, then img_tk blocked, then kQPad zeros; without a
+  // scatter into d pred_tk (whose blocks must match Q's) img_tk joins Q's blocks instead (merged:
+  // one gather fewer per pixel), and kQPad zeros follow them
+  const bool merged = !X.gptk;
+  const Blocked Q{q, merged ? C + X.Ci : C, HW}, I{q + C * HW + kQPad, X.Ci, HW};
   // d q_tk accumulates in d pred_tk's (zeroed) buffer, blocked; pass C then turns it into
   // d pred_tk over Q (whose source is no longer needed) and transposes that back.
   const Blocked G{X.gptk ? X.gptk + b * C * HW : nullptr, C, HW};
   const int64_t strips = (X.W + kTile - 1) / kTile;
   const S* ptk_b = ptk + b * C * HW;
   pass_items(fused, H, 8, [&] {
-    return [&, Sc = std::make_unique<SourceScratch>(C)](int64_t lo, int64_t hi) {
+    return [&, Sc = std::make_unique<SourceScratch>(C, X.Ci)](int64_t lo, int64_t hi) {
       corner_source_rows<S>(X, ptk_b, Q, X.itk + b * X.Ci * HW, I, lo, hi, *Sc);
     };
   });
@@ -527,7 +544,7 @@ void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
           const int64_t x1 = (i + 1) / H * kTile, n1 = std::min(kTile, X.W - x1);
           chunk_taps_at(X, b, (i + 1) % H, x1, *R->next);
           prefetch_chunk(Q, *R->next, n1);
-          prefetch_chunk(I, *R->next, n1);
+          if (!merged) prefetch_chunk(I, *R->next, n1);
           if (fused && G.q) prefetch_chunk(G, *R->next, n1);
         }
         if (X.grads) pass_a_chunk<S, true>(X, Q, I, fused ? G.q : nullptr, b, y, x0, *R);
