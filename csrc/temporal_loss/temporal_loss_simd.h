@@ -467,6 +467,11 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G,
 
 // In place over Q (pixel by pixel): q (G - <q, G>) (the softmax backward, on="prob"), or G.
 TC_INLINE void softmax_backward_pixels(const Blocked& Q, const Blocked& G, bool on_prob, int64_t p0, int64_t p1) {
+  // pix[(g L + v) L + i]: the pixel of lane i of vector v of L pixels of block g
+  std::vector<int32_t> pix(Q.blocks() * L * L);
+  for (int64_t g = 0; g < Q.blocks(); ++g)
+    for (int v = 0; v < Q.width(g); ++v)
+      for (int i = 0; i < L; ++i) pix[(g * L + v) * L + i] = (v * L + i) / Q.width(g);
   for (int64_t j0 = p0; j0 < p1; j0 += L) {
     const int64_t m = std::min<int64_t>(L, p1 - j0);
     vf s{};
@@ -483,6 +488,14 @@ TC_INLINE void softmax_backward_pixels(const Blocked& Q, const Blocked& G, bool 
     }
     for (int64_t g = 0; g < Q.blocks(); ++g) {
       const int w = Q.width(g);
+      if (m == L) {  // L pixels of w channels are w whole vectors: lane i is pixel (v L + i) / w's
+        float *q = Q.block(g) + j0 * w, *gg = G.block(g) + j0 * w;
+        for (int v = 0; v < w; ++v) {
+          const vf gq = vget(gg, v * L);
+          vput(q, v * L, on_prob ? vget(q, v * L) * (gq - __builtin_shuffle(s, vgeti(pix.data(), (g * L + v) * L))) : gq);
+        }
+        continue;
+      }
       for (int64_t l = 0; l < m; ++l) {
         float* q = Q.block(g) + (j0 + l) * w;
         const vf gq = loadn(G.block(g) + (j0 + l) * w, w);
