@@ -447,7 +447,7 @@ def test_cpp_gradients_are_deterministic(dtype, batch):
     channels (B = 1 with 2 threads): both orders must give the same bits. float64: one thread
     per batch item."""
     needs_cpp()
-    inputs = make_inputs(batch, 19, 33, 40, dtype=dtype, flow_scale=6.0, seed=21)  # 2 blocks of channels
+    inputs = make_inputs(batch, 19, 33, 40, dtype=dtype, flow_scale=6.0, seed=21)  # 2 blocks of channels at AVX-512
     first = run("cpp", inputs)
     threads = torch.get_num_threads()
     try:
