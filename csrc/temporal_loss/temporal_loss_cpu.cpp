@@ -66,9 +66,8 @@ void parallel_items(int64_t n, int64_t chunk, MakeWorker make) {
 template <typename S>
 struct Ctx {
   const S* pt;
-  float* q;        // q_count buffers of q_size floats: one batch item's corner source and img_tk,
-  int64_t q_size;  // channel-blocked, each followed by kQPad zeros (simd.h: Blocked, run_item)
-  int64_t q_count;
+  float* q;        // buffers of q_size floats (one, or fused one per thread): a batch item's corner
+  int64_t q_size;  // source and img_tk, channel-blocked, with kQPad zeros (simd.h: Blocked, run_item)
   bool fused;      // backward, one batch item per thread: pass A scatters (simd.h: run)
   const float *flow, *it, *itk, *grad;
   bool grad_map;
@@ -140,8 +139,7 @@ void run_rows(const TLTensors& T) {
   // the corner source and img_tk, channel-blocked, each followed by kQPad zeros (simd.h:
   // run_item): one batch item at a time, or (fused) one per thread
   X.q_size = (P.C + P.Ci) * HW + 2 * kQPad;
-  X.q_count = X.fused ? std::min(threads, P.B) : 1;
-  at::Tensor qbuf = at::empty({X.q_count, X.q_size}, T.flow.options());
+  at::Tensor qbuf = at::empty({X.fused ? std::min(threads, P.B) : 1, X.q_size}, T.flow.options());
   advise_huge_pages(qbuf);
   qbuf.narrow(1, P.C * HW, kQPad).zero_();
   qbuf.narrow(1, (P.C + P.Ci) * HW, 2 * kQPad).zero_();  // past img_tk's blocks, or (merged) Q's

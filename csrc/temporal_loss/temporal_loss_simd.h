@@ -161,6 +161,12 @@ TC_INLINE void scatter_corners(float* G, int w, const CornerOffsets& o, const Ta
     if (t.w[k][j] != 0.f) storen(G + o.off[k][j], v[k] - t.w[k][j] * dq, w);
 }
 
+// Pixels [j0, j0 + L) of w planar rows (kTile apart) as one vector per pixel, lanes past w 0.
+TC_INLINE void pixel_lanes(const float* rows, int w, int64_t j0, vf out[L]) {
+  for (int c = 0; c < L; ++c) out[c] = c < w ? vget(rows + c * kTile, j0) : splat(0.f);
+  transpose(out);
+}
+
 // The fused backward's scatter inside pass A (one thread owns the batch item, so its pixels
 // scatter in the order pass B would: the same bits): d q_tk's buffer, and the chunk's planar q_t
 // rows and 2 g V^p.
@@ -184,10 +190,7 @@ TC_INLINE void warp_channels(const Blocked& Q, const Taps& t, int64_t n, CornerO
     prefetch_corners(Q.q, o, n);
     for (int64_t j0 = 0; j0 < n; j0 += L) {
       vf qt[L];
-      if (sc) {
-        for (int c = 0; c < L; ++c) qt[c] = c < w ? vget(sc->qt + (Q.lo(g) + c) * kTile, j0) : splat(0.f);
-        transpose(qt);
-      }
+      if (sc) pixel_lanes(sc->qt + Q.lo(g) * kTile, w, j0, qt);
       for (int l = 0; l < L; ++l) {
         const int64_t j = j0 + l;
         vf q[4];
@@ -439,8 +442,7 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G,
   for (int64_t x0 = 0; x0 < W; x0 += kTile)  // strip by strip, as pass A
     for (int64_t y = 0; y < X.H; ++y) {
       const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0;
-      chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, n, X.H, W, X.zeros_pad,
-                 B.t);
+      chunk_taps_at(X, b, y, x0, B.t);
       if (y + 1 < X.H) prefetch_planes(X.pt + (b * X.C + c0) * X.HW + pix0 + W, w, X.HW, n);
       for (int c = 0; c < w; ++c) {
         const S* zt = X.pt + (b * X.C + c0 + c) * X.HW + pix0;
@@ -451,8 +453,7 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G,
       prefetch_corners(Q.q, o, n);
       for (int64_t j0 = 0; j0 < n; j0 += L) {
         vf qt[L];
-        for (int c = 0; c < L; ++c) qt[c] = c < w ? vget(B.qt[c], j0) : splat(0.f);
-        transpose(qt);
+        pixel_lanes(B.qt[0], w, j0, qt);
         for (int64_t j = j0; j < std::min(n, j0 + L); ++j) {
           vf q[4];
           fetch_corners(Q.q, w, o, j, n, q);
@@ -584,15 +585,16 @@ void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
   });
 }
 
-// One batch item at a time, each pass in parallel; or, fused (X.q_count buffers), one batch item
-// per thread.
+// One batch item at a time, each pass in parallel; or, fused, one batch item per thread, each
+// with its own corner source buffer.
 template <typename S>
 void run(const Ctx<S>& X, const S* ptk) {
   if (!X.fused) {
     for (int64_t b = 0; b < X.B; ++b) run_item(X, ptk, b, X.q, false);
     return;
   }
-  std::atomic<int64_t> slot{0};  // each worker its own buffer (parallel_items makes at most q_count)
+  std::atomic<int64_t> slot{0};  // each worker its own buffer (run_rows allocates one per worker
+                                 // parallel_items can make: min(threads, B))
   parallel_items(X.B, 1, [&] {
     return [&, q = X.q + slot.fetch_add(1) * X.q_size](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) run_item(X, ptk, b, q, true);
