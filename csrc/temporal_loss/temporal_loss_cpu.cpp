@@ -5,24 +5,25 @@
 // formulas with explicit SIMD (temporal_loss_simd.h, compiled for AVX-512, AVX2 and the
 // baseline and picked at run time): per-pixel and per-channel work runs along x over chunks of
 // kTile pixels, channel plane by channel plane, while the bilinear corners are read from (and
-// the gradient scattered into) a channel-blocked copy, one vector per corner and block of L
-// channels instead of one gather element per channel. One batch item at a time, in parallel
-// regions that hand out work items from a shared counter (a thread slowed by another process
-// takes fewer items instead of stalling the region):
+// the gradient scattered into) a pixel-major copy (each pixel's channels contiguous), one vector
+// per corner and block of L channels instead of one gather element per channel. One batch item
+// at a time, in parallel regions that hand out work items from a shared counter (a thread
+// slowed by another process takes fewer items instead of stalling the region):
 //
-//  0. rows: the corner source q_tk = softmax_C(pred_tk) (on="logit": pred_tk as float) and
-//     img_tk, written blocked into one buffer of (C + Ci) H W floats; without a scatter into
-//     d pred_tk (the forward, detach_target) as C + Ci channels in shared blocks (one gather).
+//  0. rows: img_tk and the corner source q_tk = softmax_C(pred_tk) (on="logit": pred_tk as
+//     float), written pixel-major into one buffer of (Ci + C)(H W + 1) floats; without a scatter
+//     into d pred_tk (the forward, detach_target) read as Ci + C channels in shared blocks (one
+//     gather fewer).
 //  A. chunks down kTile-wide strips (the corners a random flow reaches stay in L2): taps,
 //     occlusion weight V^p, q_t, the warped corners and their flow derivatives (transposed
 //     to planar), then the channel loop: loss, d flow, d pred_t, and per-pixel state for pass B.
-//  B. blocks of channels, backward only: d q_tk = sum of w_k (-dq) scattered into its blocked
-//     buffer (d pred_tk's own) in a fixed pixel order: no atomics, and the same bits for any
-//     number of threads. Where every thread can own whole batch items (one thread, or B at least
+//  B. blocks of channels, backward only: d q_tk = sum of w_k (-dq) scattered into its
+//     pixel-major buffer (d pred_tk's own) in a fixed pixel order: no atomics, and the same bits
+//     for any number of threads. Where every thread can own whole batch items (one thread, or B at least
 //     the thread count) pass A scatters instead, in the same pixel order, and pass B (its second
 //     gather of the corners) is skipped: each thread runs all passes of its batch items, each
 //     with a corner source of its own.
-//  C. pixels: d pred_tk = q (d q - <q, d q>) blocked, over the corner source, then transposed
+//  C. pixels: d pred_tk = q (d q - <q, d q>) pixel-major, over the corner source, then transposed
 //     into d pred_tk's buffer.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,7 +46,6 @@
 namespace tcloss {
 namespace {
 
-constexpr int64_t kQPad = 16;  // zeros past a batch item's blocked corner source (simd.h: Blocked)
 constexpr int64_t kTile = 128;  // pixels per chunk, and the strip width of passes A and B (19 channels: ~40 KiB of rows)
 
 // Items [0, n) handed out `chunk` at a time from a shared counter to at most get_num_threads()
@@ -66,8 +66,8 @@ void parallel_items(int64_t n, int64_t chunk, MakeWorker make) {
 template <typename S>
 struct Ctx {
   const S* pt;
-  float* q;        // buffers of q_size floats (one, or fused one per thread): a batch item's corner
-  int64_t q_size;  // source and img_tk, channel-blocked, with kQPad zeros (simd.h: Blocked, run_item)
+  float* q;        // buffers of q_size floats (one, or fused one per thread): a batch item's img_tk
+  int64_t q_size;  // and corner source, pixel-major, and a pixel of zeros (simd.h: run_item)
   bool fused;      // backward, one batch item per thread: pass A scatters (simd.h: run)
   const float *flow, *it, *itk, *grad;
   bool grad_map;
@@ -96,7 +96,7 @@ void run_isa(const Ctx<at::Half>& X, const at::Half* ptk) { TC_ISA_CALL(run_f16,
 void run_isa(const Ctx<at::BFloat16>& X, const at::BFloat16* ptk) { TC_ISA_CALL(run_bf16, X, ptk) }
 
 // Asks for transparent huge pages on a fresh buffer's whole 2 MiB pages, before it is first
-// touched: the blocked copies are read at random corners (4 KiB pages then cost a TLB miss per
+// touched: the pixel-major copies are read at random corners (4 KiB pages then cost a TLB miss per
 // corner row) and are allocated anew by every call (one page fault per 4 KiB otherwise). A
 // hint only: ignored where THP is off.
 void advise_huge_pages(const at::Tensor& t) {
@@ -136,13 +136,12 @@ void run_rows(const TLTensors& T) {
   // thread per block of channels, from pass A's per-pixel state. The same bits either way.
   const int64_t threads = at::get_num_threads();
   X.fused = P.g_ptk && (threads == 1 || P.B >= threads);
-  // the corner source and img_tk, channel-blocked, each followed by kQPad zeros (simd.h:
-  // run_item): one batch item at a time, or (fused) one per thread
-  X.q_size = (P.C + P.Ci) * HW + 2 * kQPad;
+  // img_tk and the corner source, pixel-major, then a pixel of zeros (simd.h: run_item): one
+  // batch item at a time, or (fused) one per thread
+  X.q_size = (P.C + P.Ci) * (HW + 1);
   at::Tensor qbuf = at::empty({X.fused ? std::min(threads, P.B) : 1, X.q_size}, T.flow.options());
   advise_huge_pages(qbuf);
-  qbuf.narrow(1, P.C * HW, kQPad).zero_();
-  qbuf.narrow(1, (P.C + P.Ci) * HW, 2 * kQPad).zero_();  // past img_tk's blocks, or (merged) Q's
+  qbuf.narrow(1, (P.C + P.Ci) * HW, P.C + P.Ci).zero_();
   X.q = qbuf.data_ptr<float>();
   at::Tensor state;
   if (P.g_ptk && !X.fused) {
@@ -234,9 +233,9 @@ void run_cpu(TLTensors& T) {
     if constexpr (std::is_same_v<scalar_t, double>) {
       run_per_pixel<scalar_t, acc_t>(T);
     } else {
-      // int32 offsets into one batch item's blocked buffers ((C + Ci) H W + 2 kQPad floats);
+      // int32 offsets into one batch item's pixel-major buffers ((C + Ci)(H W + 1) floats);
       // larger images take the per-pixel path
-      if ((T.P.C + T.P.Ci) * T.P.H * T.P.W + 2 * kQPad < (int64_t(1) << 31)) run_rows<scalar_t>(T);
+      if ((T.P.C + T.P.Ci) * (T.P.H * T.P.W + 1) < (int64_t(1) << 31)) run_rows<scalar_t>(T);
       else run_per_pixel<scalar_t, acc_t>(T);
     }
   });

@@ -6,7 +6,7 @@
 // common/host_device.h (bilinear_taps), the per-pixel code the CUDA kernel and the float64 path
 // run; here every loop runs along x over a chunk of kTile pixels of one row, channel plane by
 // channel plane, except the four-corner fetch, which reads the corner source in a
-// channel-blocked layout (see Blocked).
+// pixel-major layout (see Interleaved).
 
 static_assert(kTile % L == 0, "a chunk is a whole number of vectors");
 
@@ -18,29 +18,32 @@ TC_INLINE void prefetch_planes(const S* p, int64_t planes, int64_t HW, int64_t n
     for (int64_t b = 0; b < n * int64_t(sizeof(S)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p + c * HW) + b);
 }
 
-// A (C, H, W) tensor of one batch item in a channel-blocked layout: the channels in nb =
-// ceil(C/L) blocks of balanced width (19 = 10 + 9 at L = 16), and inside block g each pixel's
-// width(g) channels contiguous, so a bilinear corner is one vector load per block instead of one
-// gather element per channel, and a scatter into a corner one vector add. Exactly C*HW floats,
-// like the planar layout. Holds the corner source q_tk (= softmax_C(pred_tk), or pred_tk as
-// float) and, in d pred_tk's buffer, the gradient scattered into it.
-struct Blocked {
-  static_assert(kQPad >= L, "an invalid corner reads L zeros past the last block");
+// One batch item's channels in a pixel-major layout: pixel p's channel c at q[p * stride + c], so
+// that all channels of a bilinear corner lie in two or three cache lines, and the corner at x + 1
+// follows the one at x. The channels [c0, c0 + C) are read in nb = ceil(C/L) blocks of balanced
+// width (19 = 10 + 9 at L = 16): one vector load per corner and block instead of one gather
+// element per channel, and a scatter into a corner one vector add. The corner source holds
+// img_tk and then q_tk (= softmax_C(pred_tk), or pred_tk as float) per pixel (stride Ci + C);
+// d pred_tk's buffer holds the gradient scattered into q_tk (stride C, blocks as q_tk's).
+struct Interleaved {
   float* q;
-  int64_t C, HW;
+  int64_t stride, c0, C;
   TC_INLINE int64_t blocks() const { return (C + L - 1) / L; }
-  TC_INLINE int64_t lo(int64_t g) const { return g * C / blocks(); }
+  TC_INLINE int64_t lo(int64_t g) const { return c0 + g * C / blocks(); }
   TC_INLINE int width(int64_t g) const { return static_cast<int>(lo(g + 1) - lo(g)); }
-  TC_INLINE float* block(int64_t g) const { return q + lo(g) * HW; }
+  TC_INLINE float* block(int64_t g) const { return q + lo(g); }
 };
 
-// Bilinear taps of a chunk (bilinear_taps of common/host_device.h), structure of arrays; an
-// invalid corner (outside the image, non-finite flow, a lane past the chunk) has weight 0,
-// index 0 and valid 0, and reads 0 (CornerOffsets). ax, ay: the flow derivatives' weights of
-// the corner differences (BilinearTaps::ax, ay).
+// Bilinear taps of a chunk (bilinear_taps of common/host_device.h), structure of arrays: oq and
+// og, where corner k of pixel j starts in the corner source (pixel * its stride) and in d q_tk's
+// buffer (pixel * C), in floats (int32: run_rows takes buffers of fewer than 2^31 floats). An
+// invalid corner (outside the image, non-finite flow, a lane past the chunk) has weight 0, reads
+// the pixel of zeros past the corner source (never 0 * whatever lies at pixel 0) and is never
+// scattered into (og 0). ax, ay: the flow derivatives' weights of the corner differences
+// (BilinearTaps::ax, ay).
 struct Taps {
-  alignas(64) int32_t idx[4][kTile];
-  alignas(64) int32_t valid[4][kTile];
+  alignas(64) int32_t oq[4][kTile];
+  alignas(64) int32_t og[4][kTile];
   alignas(64) float w[4][kTile];
   alignas(64) float ax[2][kTile];
   alignas(64) float ay[2][kTile];
@@ -48,7 +51,8 @@ struct Taps {
 };
 
 TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t y, int64_t n, int64_t H, int64_t W,
-                          bool zeros_pad, Taps& t) {
+                          bool zeros_pad, int32_t sq, int32_t sg, Taps& t) {
+  const vi pad = splati(static_cast<int32_t>(H * W) * sq);
   const vf xmax = splat(static_cast<float>(W - 1)), ymax = splat(static_cast<float>(H - 1));
   const vf zero = splat(0.f), one = splat(1.f);
   vf lane;
@@ -81,8 +85,9 @@ TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t 
     for (int k = 0; k < 4; ++k) {
       const vi xs = ix + (k & 1), ys = iy + (k >> 1);
       const vi v = ok & (xs >= 0) & (xs < static_cast<int32_t>(W)) & (ys >= 0) & (ys < static_cast<int32_t>(H));
-      vputi(t.valid[k], j, v);
-      vputi(t.idx[k], j, v ? ys * static_cast<int32_t>(W) + xs : splati(0));
+      const vi pix = ys * static_cast<int32_t>(W) + xs;
+      vputi(t.oq[k], j, v ? pix * sq : pad);
+      vputi(t.og[k], j, v ? pix * sg : splati(0));
       vput(t.w[k], j, sel(v, wk[k], zero));
     }
     // (0 where the pixel reads nothing: ok is false)
@@ -97,44 +102,32 @@ template <typename S>
 TC_INLINE void chunk_taps_at(const Ctx<S>& X, int64_t b, int64_t y, int64_t x0, Taps& t) {
   const int64_t pix0 = y * X.W + x0;
   chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, std::min(kTile, X.W - x0), X.H,
-             X.W, X.zeros_pad, t);
+             X.W, X.zeros_pad, static_cast<int32_t>(X.C + X.Ci), static_cast<int32_t>(X.C), t);
 }
 
-// Where the four corners of the chunk's pixels start in block g, in floats from Q.q; an
-// invalid corner points at the L zeros past the last block (kQPad), so that reads need
-// no mask and an invalid corner reads exactly 0 (never 0 * whatever lies at pixel 0).
-struct CornerOffsets {
-  alignas(64) int32_t off[4][kTile];  // int32: run_rows takes buffers of fewer than 2^31 floats
-};
-TC_INLINE void block_offsets(const Blocked& Q, int64_t g, const Taps& t, int64_t n, CornerOffsets& o) {
-  const vi base = splati(static_cast<int32_t>(Q.lo(g) * Q.HW)), pad = splati(static_cast<int32_t>(Q.C * Q.HW));
-  const int32_t w = Q.width(g);
-  for (int64_t j = 0; j < n; j += L)
-    for (int k = 0; k < 4; ++k) vputi(o.off[k], j, vgeti(t.valid[k], j) ? base + vgeti(t.idx[k], j) * w : pad);
-}
-
-// The four corners of pixel j (w channels each), with those of pixel j + kAhead prefetched
-// (random flows miss the L2 cache).
+// The four corners of pixel j in one block (q: the block's first channel, w channels), with
+// those of pixel j + kAhead prefetched (random flows miss the L2 cache).
 constexpr int64_t kAhead = 8;
-TC_INLINE void fetch_corners(const float* q, int w, const CornerOffsets& o, int64_t j, int64_t n, vf c[4]) {
+TC_INLINE void fetch_corners(const float* q, int w, const Taps& t, int64_t j, int64_t n, vf c[4]) {
   if (j + kAhead < n)
-    for (int k = 0; k < 4; ++k) __builtin_prefetch(q + o.off[k][j + kAhead]);
-  for (int k = 0; k < 4; ++k) c[k] = loadn(q + o.off[k][j], w);
+    for (int k = 0; k < 4; ++k) __builtin_prefetch(q + t.oq[k][j + kAhead]);
+  for (int k = 0; k < 4; ++k) c[k] = loadn(q + t.oq[k][j], w);
 }
-TC_INLINE void prefetch_corners(const float* q, const CornerOffsets& o, int64_t n) {
+TC_INLINE void prefetch_corners(const float* q, const Taps& t, int64_t n) {
   for (int64_t j = 0; j < std::min(n, kAhead); ++j)
-    for (int k = 0; k < 4; ++k) __builtin_prefetch(q + o.off[k][j]);
+    for (int k = 0; k < 4; ++k) __builtin_prefetch(q + t.oq[k][j]);
 }
-// Every corner of a chunk in each block of Q, prefetched a whole chunk before its use: a random
-// flow's corners reach lines no earlier chunk touched (L3 or DRAM latency, which a few pixels of
-// prefetch distance do not hide).
-TC_INLINE void prefetch_chunk(const Blocked& Q, const Taps& t, int64_t n) {
-  for (int64_t g = 0; g < Q.blocks(); ++g) {
-    const float* base = Q.block(g);
-    const int64_t w = Q.width(g);
-    for (int64_t j = 0; j < n; ++j)
-      for (int k = 0; k < 4; ++k) __builtin_prefetch(base + t.idx[k][j] * w);
-  }
+// Every corner of a chunk, prefetched a whole chunk before its use: a random flow's corners reach
+// lines no earlier chunk touched (L3 or DRAM latency, which a few pixels of prefetch distance do
+// not hide). Corners 0 and 1 (and 2 and 3) are neighbours: 2 * stride floats from off[0] (off[2]).
+TC_INLINE void prefetch_chunk(const float* q, int64_t stride, const int32_t (&off)[4][kTile], int64_t n) {
+  const int64_t last = 2 * stride * int64_t(sizeof(float)) - 1;
+  for (int64_t j = 0; j < n; ++j)
+    for (int k = 0; k < 4; k += 2) {
+      const char* p = reinterpret_cast<const char*>(q + off[k][j]);
+      for (int64_t b = 0; b < last; b += 64) __builtin_prefetch(p + b);
+      __builtin_prefetch(p + last);
+    }
 }
 // The fused multiply-adds are explicit: the scatter's dq, from pass A (fused) or pass B, must have
 // the same bits, and the compiler contracts a sum of products differently in different places.
@@ -143,22 +136,21 @@ TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
               vfma(splat(wk[2 * kTile + j]), c[2], vfma(splat(wk[kTile + j]), c[1], wk[j] * c[0])));
 }
 
-// The backward's scatter of pixel j: w_k (-dq) added into the four corners of d q_tk (G, blocked
-// like the corner source, so the corner offsets are the same), with those of pixel j + kAhead
+// The backward's scatter of pixel j: w_k (-dq) added into the four corners of d q_tk (G: the
+// block's first channel in d pred_tk's buffer, w channels), with those of pixel j + kAhead
 // prefetched. Pixels without gradient (k2 = 0) and corners of zero weight (outside the image
 // included; an invalid corner's offset is never used) add nothing: not 0 * a possibly infinite dq.
-TC_INLINE void scatter_corners(float* G, int w, const CornerOffsets& o, const Taps& t, int64_t j, int64_t n, float k2,
-                               vf dq) {
+TC_INLINE void scatter_corners(float* G, int w, const Taps& t, int64_t j, int64_t n, float k2, vf dq) {
   if (j + kAhead < n)
-    for (int k = 0; k < 4; ++k) __builtin_prefetch(G + o.off[k][j + kAhead], 1);
+    for (int k = 0; k < 4; ++k) __builtin_prefetch(G + t.og[k][j + kAhead], 1);
   if (k2 == 0.f) return;
   // all loads before the stores: a masked store blocks a later load of the next 64 bytes
   // (corner 1 follows corner 0 in memory) until it retires
   vf v[4] = {};
   for (int k = 0; k < 4; ++k)
-    if (t.w[k][j] != 0.f) v[k] = loadn(G + o.off[k][j], w);
+    if (t.w[k][j] != 0.f) v[k] = loadn(G + t.og[k][j], w);
   for (int k = 0; k < 4; ++k)
-    if (t.w[k][j] != 0.f) storen(G + o.off[k][j], v[k] - t.w[k][j] * dq, w);
+    if (t.w[k][j] != 0.f) storen(G + t.og[k][j], v[k] - t.w[k][j] * dq, w);
 }
 
 // Pixels [j0, j0 + L) of w planar rows (kTile apart) as one vector per pixel, lanes past w 0.
@@ -168,62 +160,63 @@ TC_INLINE void pixel_lanes(const float* rows, int w, int64_t j0, vf out[L]) {
 }
 
 // The fused backward's scatter inside pass A (one thread owns the batch item, so its pixels
-// scatter in the order pass B would: the same bits): d q_tk's buffer, and the chunk's planar q_t
-// rows and 2 g V^p.
+// scatter in the order pass B would: the same bits): d q_tk's buffer (q_tk's first channel), and
+// the chunk's planar q_t rows and 2 g V^p.
 struct ChunkScatter {
   float* g;
   const float* qt;
   const float* k2;
 };
 
-// The warped corner source over the chunk, planar: out[c][j] (rows kTile long) = sum_k w_k
-// q_k[c], and with kGrads also the flow derivatives ox = ax_0 (q_1 - q_0) + ax_1 (q_3 - q_2)
-// and oy = ay_0 (q_2 - q_0) + ay_1 (q_3 - q_1). Per pixel, one vector load per corner and block; per L pixels, one transpose
-// per output.
+// The warped channels of Q over the chunk, planar: out[c][j] (rows kTile long, c counted from
+// Q.c0) = sum_k w_k q_k[c], and with kGrads also the flow derivatives ox = ax_0 (q_1 - q_0) +
+// ax_1 (q_3 - q_2) and oy = ay_0 (q_2 - q_0) + ay_1 (q_3 - q_1). Per pixel, one vector load per
+// corner and block; per L pixels, one transpose per output.
 template <bool kGrads>
-TC_INLINE void warp_channels(const Blocked& Q, const Taps& t, int64_t n, CornerOffsets& o, float* out, float* ox,
-                             float* oy, const ChunkScatter* sc = nullptr) {
+TC_INLINE void warp_channels(const Interleaved& Q, const Taps& t, int64_t n, float* out, float* ox, float* oy,
+                             const ChunkScatter* sc = nullptr) {
   vf r[3][L];
   for (int64_t g = 0; g < Q.blocks(); ++g) {
     const int w = Q.width(g);
-    block_offsets(Q, g, t, n, o);
-    prefetch_corners(Q.q, o, n);
+    const int64_t row = Q.lo(g) - Q.c0;
+    const float* src = Q.block(g);
+    prefetch_corners(src, t, n);
     for (int64_t j0 = 0; j0 < n; j0 += L) {
       vf qt[L];
-      if (sc) pixel_lanes(sc->qt + Q.lo(g) * kTile, w, j0, qt);
+      if (sc) pixel_lanes(sc->qt + row * kTile, w, j0, qt);
       for (int l = 0; l < L; ++l) {
         const int64_t j = j0 + l;
         vf q[4];
-        fetch_corners(Q.q, w, o, j, n, q);
+        fetch_corners(src, w, t, j, n, q);
         r[0][l] = blend(t.w[0], j, q);
         if (kGrads) {
           r[1][l] = t.ax[0][j] * (q[1] - q[0]) + t.ax[1][j] * (q[3] - q[2]);
           r[2][l] = t.ay[0][j] * (q[2] - q[0]) + t.ay[1][j] * (q[3] - q[1]);
         }
-        if (sc && j < n) scatter_corners(sc->g, w, o, t, j, n, sc->k2[j], sc->k2[j] * (qt[l] - r[0][l]));
+        if (sc && j < n) scatter_corners(sc->g + row, w, t, j, n, sc->k2[j], sc->k2[j] * (qt[l] - r[0][l]));
       }
       float* dst[3] = {out, ox, oy};
       for (int a = 0; a < (kGrads ? 3 : 1); ++a) {
         transpose(r[a]);
-        for (int c = 0; c < w; ++c) vput(dst[a] + (Q.lo(g) + c) * kTile, j0, r[a][c]);
+        for (int c = 0; c < w; ++c) vput(dst[a] + (row + c) * kTile, j0, r[a][c]);
       }
     }
   }
 }
 
-// Planar rows src[c * ss + j] (c < w, j < n) into the blocked pixels dst[j * w + c], L pixels
-// per transpose; nothing past a row's n floats is read.
-TC_INLINE void rows_to_block(const float* src, int64_t ss, int w, int64_t n, float* dst) {
+// Planar rows src[c * ss + j] (c < w, j < n) into pixels dst[j * ds + c], L pixels per
+// transpose; nothing past a row's n floats is read.
+TC_INLINE void rows_to_block(const float* src, int64_t ss, int w, int64_t n, float* dst, int64_t ds) {
   for (int64_t j0 = 0; j0 < n; j0 += L) {
     vf r[L];
     const int64_t m = std::min<int64_t>(L, n - j0);
     for (int c = 0; c < L; ++c) r[c] = c < w ? loadn(src + c * ss + j0, static_cast<int>(m)) : splat(0.f);
     transpose(r);
-    for (int64_t l = 0; l < m; ++l) storen(dst + (j0 + l) * w, r[l], w);
+    for (int64_t l = 0; l < m; ++l) storen(dst + (j0 + l) * ds, r[l], w);
   }
 }
 
-// --- pass 0: the corner source, blocked ----------------------------------------------------------
+// --- pass 0: the corner source, pixel-major ------------------------------------------------------
 
 // Channel statistics of a chunk of n pixels, plane by plane (each plane's run is contiguous; the
 // per-pixel arrays stay in L1): mo = the max, so = sum_c exp(z_c - max), and, when dst is
@@ -269,29 +262,24 @@ TC_INLINE void source_rows(const S* src, bool on_prob, int64_t C, int64_t HW, in
 struct SourceScratch {
   alignas(64) float mo[kTile];
   alignas(64) float so[kTile];
-  std::vector<float> q;  // C + Ci rows of kTile
+  std::vector<float> q;  // Ci + C rows of kTile: img_tk, then q_tk
   SourceScratch(int64_t C, int64_t Ci) : q(static_cast<size_t>((C + Ci) * kTile)) {}
 };
 
-// Rows [r0, r1) of batch item ptk (planar) into Q: per chunk, the planar q rows in scratch,
-// then per block and L pixels one transpose and L stores of w(g) floats. img_tk goes into I, or
-// (merged: Q holds C + Ci channels) into Q's blocks after the q channels.
+// Rows [r0, r1) of batch item ptk (planar) and img_tk into the corner source A (all its channels,
+// img_tk's then q_tk's): per chunk, the planar rows in scratch, then per block and L pixels one
+// transpose and L stores of w(g) floats.
 template <typename S>
-TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Blocked& Q, const float* itk,
-                                  const Blocked& I, int64_t r0, int64_t r1, SourceScratch& Sc) {
-  const bool merged = Q.C > X.C;
+TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Interleaved& A, const float* itk, int64_t r0,
+                                  int64_t r1, SourceScratch& Sc) {
   for (int64_t y = r0; y < r1; ++y)
     for (int64_t x0 = 0; x0 < X.W; x0 += kTile) {
       const int64_t n = std::min(kTile, X.W - x0), pix0 = y * X.W + x0;
       prefetch_planes(ptk + pix0 + n, X.C, X.HW, std::min(kTile, X.HW - pix0 - n));
-      source_rows<S>(ptk + pix0, X.on_prob, X.C, X.HW, n, Sc.q.data(), Sc.mo, Sc.so);
-      if (merged)
-        for (int64_t ci = 0; ci < X.Ci; ++ci) std::memcpy(Sc.q.data() + (X.C + ci) * kTile, itk + ci * X.HW + pix0, n * sizeof(float));
-      for (int64_t g = 0; g < Q.blocks(); ++g)
-        rows_to_block(Sc.q.data() + Q.lo(g) * kTile, kTile, Q.width(g), n, Q.block(g) + pix0 * Q.width(g));
-      if (!merged)
-        for (int64_t g = 0; g < I.blocks(); ++g)
-          rows_to_block(itk + I.lo(g) * X.HW + pix0, X.HW, I.width(g), n, I.block(g) + pix0 * I.width(g));
+      for (int64_t ci = 0; ci < X.Ci; ++ci) std::memcpy(Sc.q.data() + ci * kTile, itk + ci * X.HW + pix0, n * sizeof(float));
+      source_rows<S>(ptk + pix0, X.on_prob, X.C, X.HW, n, Sc.q.data() + X.Ci * kTile, Sc.mo, Sc.so);
+      for (int64_t g = 0; g < A.blocks(); ++g)
+        rows_to_block(Sc.q.data() + A.lo(g) * kTile, kTile, A.width(g), n, A.block(g) + pix0 * A.stride, A.stride);
     }
 }
 
@@ -308,9 +296,8 @@ struct RowScratch {
   alignas(64) float dt[kTile];
   alignas(64) float gx[kTile];
   alignas(64) float gy[kTile];
-  CornerOffsets o;
-  // rows of kTile: q_t (C), the warped corner source and its flow derivatives (C, or C + Ci
-  // merged: then the warped img_tk follows the q channels), the warped img_tk (Ci, unmerged)
+  // rows of kTile: q_t (C), the warped corner source and its flow derivatives (C, or Ci + C
+  // merged: then the warped img_tk comes first), the warped img_tk (Ci, unmerged)
   std::vector<float> qt, warped, wx, wy, img;
   RowScratch(int64_t C, int64_t Ci)
       : qt(C * kTile), warped((C + Ci) * kTile), wx((C + Ci) * kTile), wy((C + Ci) * kTile), img(Ci * kTile) {}
@@ -336,15 +323,15 @@ TC_INLINE void occlusion_weight(const Ctx<S>& X, const float* img, int64_t b, in
 // The channel loop of a chunk (tl_channel_accumulate along x), plane by plane: each channel's
 // run of pred_t is contiguous, and the accumulators stay in L1.
 template <typename S, bool kGrads>
-TC_INLINE void chunk_accumulate(const Ctx<S>& X, int64_t b, int64_t pix0, int64_t n, RowScratch& R) {
+TC_INLINE void chunk_accumulate(const Ctx<S>& X, int64_t n, const float* warped, const float* wxs, const float* wys,
+                                RowScratch& R) {
   const vf zero = splat(0.f);
   for (int64_t j = 0; j < n; j += L) {
     vput(R.sumsq, j, zero);
     if (kGrads) vput(R.dt, j, zero), vput(R.gx, j, zero), vput(R.gy, j, zero);
   }
   for (int64_t c = 0; c < X.C; ++c) {
-    const float *q = R.qt.data() + c * kTile, *wq = R.warped.data() + c * kTile, *wx = R.wx.data() + c * kTile,
-                *wy = R.wy.data() + c * kTile;
+    const float *q = R.qt.data() + c * kTile, *wq = warped + c * kTile, *wx = wxs + c * kTile, *wy = wys + c * kTile;
     for (int64_t j = 0; j < n; j += L) {
       const vf qt = vget(q, j);
       const vf diff = qt - vget(wq, j);
@@ -362,16 +349,19 @@ TC_INLINE void chunk_accumulate(const Ctx<S>& X, int64_t b, int64_t pix0, int64_
 // Pixels [x0, x0 + kTile) of row y, with the chunk's taps in R.t. Chunks run down kTile-wide
 // strips of the image (see run), so that the corners a random flow reaches stay in the L2 cache
 // from one chunk to the next. Backward (kGrads): d flow, d pred_t = q_t (dq - <q_t, dq>) (or dq),
-// and, given d q_tk's blocked buffer G (fused: this thread owns the batch item), the scatter.
+// and, given d q_tk's pixel-major buffer G (fused: this thread owns the batch item), the scatter.
 template <typename S, bool kGrads>
-TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I, float* G, int64_t b, int64_t y,
+TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Interleaved& Q, const Interleaved& I, float* G, int64_t b, int64_t y,
                             int64_t x0, RowScratch& R) {
   const int64_t W = X.W;
   const vf nan = splat(std::numeric_limits<float>::quiet_NaN());
   const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0, i0 = b * X.HW + pix0;
-  const bool merged = Q.C > X.C;  // img_tk in Q's blocks: V^p after the warp (no scatter here)
+  // merged: Q's blocks hold img_tk too (its rows first), so V^p comes after the warp (no scatter)
+  const bool merged = Q.C > X.C;
+  const int64_t qrow = merged ? X.Ci * kTile : 0;
+  const float* warped = R.warped.data() + qrow;
   const auto weights = [&] {
-    occlusion_weight(X, merged ? R.warped.data() + X.C * kTile : R.img.data(), b, pix0, n, R);
+    occlusion_weight(X, merged ? R.warped.data() : R.img.data(), b, pix0, n, R);
     if (kGrads)
       for (int64_t j = 0; j < n; j += L) {
         const int64_t m = std::min<int64_t>(L, n - j);
@@ -381,15 +371,15 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I,
       }
   };
   if (!merged) {  // the scatter inside the warp needs 2 g V^p first
-    warp_channels<false>(I, *R.t, n, R.o, R.img.data(), nullptr, nullptr);
+    warp_channels<false>(I, *R.t, n, R.img.data(), nullptr, nullptr);
     weights();
   }
   if (y + 1 < X.H) prefetch_planes(X.pt + b * X.C * X.HW + pix0 + W, X.C, X.HW, n);
   source_rows<S>(X.pt + b * X.C * X.HW + pix0, X.on_prob, X.C, X.HW, n, R.qt.data(), R.m, R.rinv);
   const ChunkScatter sc{G, R.qt.data(), R.k2};
-  warp_channels<kGrads>(Q, *R.t, n, R.o, R.warped.data(), R.wx.data(), R.wy.data(), kGrads && G ? &sc : nullptr);
+  warp_channels<kGrads>(Q, *R.t, n, R.warped.data(), R.wx.data(), R.wy.data(), kGrads && G ? &sc : nullptr);
   if (merged) weights();
-  chunk_accumulate<S, kGrads>(X, b, pix0, n, R);
+  chunk_accumulate<S, kGrads>(X, n, warped, R.wx.data() + qrow, R.wy.data() + qrow, R);
   for (int64_t j = 0; j < n; j += L) {
     const int64_t m = std::min<int64_t>(L, n - j);
     if (X.loss) store(X.loss + i0 + j, sel(vgeti(R.t->finite, j), vget(R.sumsq, j) * vget(R.vp, j), nan), m);
@@ -405,7 +395,7 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Blocked& Q, const Blocked& I,
   }
   if (kGrads && X.gpt)
     for (int64_t c = 0; c < X.C; ++c) {
-      const float *q = R.qt.data() + c * kTile, *wq = R.warped.data() + c * kTile;
+      const float *q = R.qt.data() + c * kTile, *wq = warped + c * kTile;
       S* dst = X.gpt + (b * X.C + c) * X.HW + pix0;
       for (int64_t j = 0; j < n; j += L) {
         const vf qt = vget(q, j), dq = vget(R.k2, j) * (qt - vget(wq, j));
@@ -425,20 +415,20 @@ TC_INLINE vf q_t(const Ctx<S>& X, const S* zt, int64_t j, int64_t m, const float
 
 struct BlockScratch {
   Taps t;
-  CornerOffsets o;
   alignas(64) float qt[L][kTile];
 };
 
 // The scatter of tl_channel_grads, in the block's channel lanes: q_t (planar, transposed), the
-// warped corners, dq, and w_k (-dq) added into the four corners of d q_tk (G, blocked like Q) in
+// warped corners, dq, and w_k (-dq) added into the four corners of d q_tk (G, blocks as Q's) in
 // pixel order, so the result does not depend on the number of threads.
 template <typename S>
-TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G, int64_t b, int64_t g,
+TC_INLINE void pass_b_block(const Ctx<S>& X, const Interleaved& Q, const Interleaved& G, int64_t b, int64_t g,
                             BlockScratch& B) {
-  const int64_t W = X.W, c0 = Q.lo(g);
+  const int64_t W = X.W, c0 = Q.lo(g) - Q.c0;
   const int w = Q.width(g);
+  const float* src = Q.block(g);
+  float* dst = G.block(g);
   const Taps& t = B.t;
-  const CornerOffsets& o = B.o;
   for (int64_t x0 = 0; x0 < W; x0 += kTile)  // strip by strip, as pass A
     for (int64_t y = 0; y < X.H; ++y) {
       const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0;
@@ -449,16 +439,15 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G,
         for (int64_t j = 0; j < n; j += L) vput(B.qt[c], j, q_t(X, zt, j, std::min<int64_t>(L, n - j), X.st_m + pix0, X.st_r + pix0));
       }
       const float* k2 = X.st_k2 + pix0;
-      block_offsets(Q, g, t, n, B.o);
-      prefetch_corners(Q.q, o, n);
+      prefetch_corners(src, t, n);
       for (int64_t j0 = 0; j0 < n; j0 += L) {
         vf qt[L];
         pixel_lanes(B.qt[0], w, j0, qt);
         for (int64_t j = j0; j < std::min(n, j0 + L); ++j) {
           vf q[4];
-          fetch_corners(Q.q, w, o, j, n, q);
+          fetch_corners(src, w, t, j, n, q);
           const vf dq = k2[j] * (qt[j - j0] - blend(t.w[0], j, q));
-          scatter_corners(G.q, w, o, t, j, n, k2[j], dq);
+          scatter_corners(dst, w, t, j, n, k2[j], dq);
         }
       }
     }
@@ -466,56 +455,54 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Blocked& Q, const Blocked& G,
 
 // --- pass C: d pred_tk from d q_tk --------------------------------------------------------------
 
-// In place over Q (pixel by pixel): q (G - <q, G>) (the softmax backward, on="prob"), or G.
-TC_INLINE void softmax_backward_pixels(const Blocked& Q, const Blocked& G, bool on_prob, int64_t p0, int64_t p1) {
-  // pix[(g L + v) L + i]: the pixel of lane i of vector v of L pixels of block g
-  std::vector<int32_t> pix(Q.blocks() * L * L);
-  for (int64_t g = 0; g < Q.blocks(); ++g)
-    for (int v = 0; v < Q.width(g); ++v)
-      for (int i = 0; i < L; ++i) pix[(g * L + v) * L + i] = (v * L + i) / Q.width(g);
+// In place over Q's channels (its q_tk), pixels [p0, p1): q (G - <q, G>) (the softmax backward,
+// on="prob"), or G. Per L pixels, every load before the first store: a masked store blocks a
+// later load of its 64 bytes (here the next block of the same pixel) until it retires. sq, sg:
+// scratch of blocks() * L * L floats.
+TC_INLINE void softmax_backward_pixels(const Interleaved& Q, const Interleaved& G, bool on_prob, int64_t p0,
+                                       int64_t p1, float* sq, float* sg) {
+  const int64_t nb = Q.blocks();
   for (int64_t j0 = p0; j0 < p1; j0 += L) {
     const int64_t m = std::min<int64_t>(L, p1 - j0);
+    vf acc[L];
+    for (int l = 0; l < L; ++l) acc[l] = splat(0.f);
+    for (int64_t g = 0; g < nb; ++g) {
+      const int w = Q.width(g);
+      const float *q0 = Q.block(g) + j0 * Q.stride, *g0 = G.block(g) + j0 * G.stride;
+      for (int64_t l = 0; l < m; ++l) {
+        const vf q = loadn(q0 + l * Q.stride, w), gq = loadn(g0 + l * G.stride, w);
+        vput(sq, (g * L + l) * L, q), vput(sg, (g * L + l) * L, gq);
+        acc[l] += q * gq;
+      }
+    }
     vf s{};
     if (on_prob) {
-      vf acc[L];
-      for (int l = 0; l < L; ++l) acc[l] = splat(0.f);
-      for (int64_t g = 0; g < Q.blocks(); ++g) {
-        const int w = Q.width(g);
-        for (int64_t l = 0; l < m; ++l)
-          acc[l] += loadn(Q.block(g) + (j0 + l) * w, w) * loadn(G.block(g) + (j0 + l) * w, w);
-      }
       transpose(acc);
       for (int l = 0; l < L; ++l) s += acc[l];
     }
-    for (int64_t g = 0; g < Q.blocks(); ++g) {
+    for (int64_t g = 0; g < nb; ++g) {
       const int w = Q.width(g);
-      if (m == L) {  // L pixels of w channels are w whole vectors: lane i is pixel (v L + i) / w's
-        float *q = Q.block(g) + j0 * w, *gg = G.block(g) + j0 * w;
-        for (int v = 0; v < w; ++v) {
-          const vf gq = vget(gg, v * L);
-          vput(q, v * L, on_prob ? vget(q, v * L) * (gq - __builtin_shuffle(s, vgeti(pix.data(), (g * L + v) * L))) : gq);
-        }
-        continue;
-      }
+      float* q0 = Q.block(g) + j0 * Q.stride;
       for (int64_t l = 0; l < m; ++l) {
-        float* q = Q.block(g) + (j0 + l) * w;
-        const vf gq = loadn(G.block(g) + (j0 + l) * w, w);
-        storen(q, on_prob ? loadn(q, w) * (gq - s[l]) : gq, w);
+        const vf gq = vget(sg, (g * L + l) * L);
+        storen(q0 + l * Q.stride, on_prob ? vget(sq, (g * L + l) * L) * (gq - s[l]) : gq, w);
       }
     }
   }
 }
 
-// Pixels [p0, p1) of the blocked Q into planar rows of dst (stride HW).
-TC_INLINE void block_to_rows(const Blocked& Q, float* dst, int64_t p0, int64_t p1) {
-  for (int64_t g = 0; g < Q.blocks(); ++g) {
-    const int w = Q.width(g);
-    for (int64_t j0 = p0; j0 < p1; j0 += L) {
-      const int64_t m = std::min<int64_t>(L, p1 - j0);
+// Pixels [p0, p1) of Q's channels into planar rows of dst (stride HW), L pixels at a time.
+TC_INLINE void block_to_rows(const Interleaved& Q, float* dst, int64_t HW, int64_t p0, int64_t p1) {
+  for (int64_t j0 = p0; j0 < p1; j0 += L) {
+    const int64_t m = std::min<int64_t>(L, p1 - j0);
+    for (int64_t g = 0; g < Q.blocks(); ++g) {
+      const int w = Q.width(g);
+      const float* q0 = Q.block(g) + j0 * Q.stride;
+      float* d0 = dst + (Q.lo(g) - Q.c0) * HW + j0;
       vf r[L];
-      for (int l = 0; l < L; ++l) r[l] = l < m ? loadn(Q.block(g) + (j0 + l) * w, w) : splat(0.f);
+      for (int l = 0; l < L; ++l) r[l] = l < m ? loadn(q0 + l * Q.stride, w) : splat(0.f);
       transpose(r);
-      for (int c = 0; c < w; ++c) storen(dst + (Q.lo(g) + c) * Q.HW + j0, r[c], static_cast<int>(m));
+      for (int c = 0; c < w; ++c) storen(d0 + c * HW, r[c], static_cast<int>(m));
     }
   }
 }
@@ -529,37 +516,37 @@ TC_INLINE void pass_items(bool serial, int64_t n, int64_t chunk, MakeWorker make
   if (n > 0) make()(0, n);
 }
 
-// The passes of batch item b, over its corner source buffer q ((C + Ci) H W + 2 kQPad floats).
+// The passes of batch item b, over its corner source buffer q ((Ci + C)(HW + 1) floats: img_tk
+// and q_tk per pixel, then a pixel of zeros that invalid corners read).
 // fused (backward): this thread alone runs them, and pass A scatters into d q_tk (no pass B).
 template <typename S>
 void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
-  const int64_t C = X.C, H = X.H, HW = X.HW;
-  // the corner source, then kQPad zeros, then img_tk blocked, then kQPad zeros; without a
-  // scatter into d pred_tk (whose blocks must match Q's) img_tk joins Q's blocks instead (merged:
-  // one gather fewer per pixel), and kQPad zeros follow them
+  const int64_t C = X.C, Ci = X.Ci, H = X.H, HW = X.HW;
+  // Without a scatter into d pred_tk, img_tk and q_tk are read in shared blocks (merged: one
+  // gather fewer per pixel); with it, the blocks of q_tk alone, matching d q_tk's.
   const bool merged = !X.gptk;
-  const Blocked Q{q, merged ? C + X.Ci : C, HW}, I{q + C * HW + kQPad, X.Ci, HW};
-  // d q_tk accumulates in d pred_tk's (zeroed) buffer, blocked; pass C then turns it into
-  // d pred_tk over Q (whose source is no longer needed) and transposes that back.
-  const Blocked G{X.gptk ? X.gptk + b * C * HW : nullptr, C, HW};
+  const Interleaved A{q, Ci + C, 0, Ci + C}, I{q, Ci + C, 0, Ci};
+  const Interleaved Q = merged ? A : Interleaved{q, Ci + C, Ci, C};
+  // d q_tk accumulates in d pred_tk's (zeroed) buffer, pixel-major; pass C then turns it into
+  // d pred_tk over Q (whose source is no longer needed) and transposes that to planar.
+  const Interleaved G{X.gptk ? X.gptk + b * C * HW : nullptr, C, 0, C};
   const int64_t strips = (X.W + kTile - 1) / kTile;
   const S* ptk_b = ptk + b * C * HW;
   pass_items(fused, H, 8, [&] {
-    return [&, Sc = std::make_unique<SourceScratch>(C, X.Ci)](int64_t lo, int64_t hi) {
-      corner_source_rows<S>(X, ptk_b, Q, X.itk + b * X.Ci * HW, I, lo, hi, *Sc);
+    return [&, Sc = std::make_unique<SourceScratch>(C, Ci)](int64_t lo, int64_t hi) {
+      corner_source_rows<S>(X, ptk_b, A, X.itk + b * Ci * HW, lo, hi, *Sc);
     };
   });
   pass_items(fused, strips * H, 8, [&] {
-    return [&, R = std::make_unique<RowScratch>(C, X.Ci)](int64_t lo, int64_t hi) {
+    return [&, R = std::make_unique<RowScratch>(C, Ci)](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t y = i % H, x0 = i / H * kTile;
         if (i == lo) chunk_taps_at(X, b, y, x0, *R->t);
         if (i + 1 < hi) {  // the next chunk's taps, and its corners on their way
           const int64_t x1 = (i + 1) / H * kTile, n1 = std::min(kTile, X.W - x1);
           chunk_taps_at(X, b, (i + 1) % H, x1, *R->next);
-          prefetch_chunk(Q, *R->next, n1);
-          if (!merged) prefetch_chunk(I, *R->next, n1);
-          if (fused && G.q) prefetch_chunk(G, *R->next, n1);
+          prefetch_chunk(q, A.stride, R->next->oq, n1);
+          if (fused && G.q) prefetch_chunk(G.q, G.stride, R->next->og, n1);
         }
         if (X.grads) pass_a_chunk<S, true>(X, Q, I, fused ? G.q : nullptr, b, y, x0, *R);
         else pass_a_chunk<S, false>(X, Q, I, nullptr, b, y, x0, *R);
@@ -576,12 +563,12 @@ void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
     });
   const int64_t span = 64 * kTile;
   pass_items(fused, (HW + span - 1) / span, 1, [&] {
-    return [&](int64_t lo, int64_t hi) {
-      softmax_backward_pixels(Q, G, X.on_prob, lo * span, std::min(HW, hi * span));
+    return [&, sc = std::vector<float>(2 * Q.blocks() * L * L)](int64_t lo, int64_t hi) mutable {
+      softmax_backward_pixels(Q, G, X.on_prob, lo * span, std::min(HW, hi * span), sc.data(), sc.data() + Q.blocks() * L * L);
     };
   });
   pass_items(fused, (HW + span - 1) / span, 1, [&] {
-    return [&](int64_t lo, int64_t hi) { block_to_rows(Q, G.q, lo * span, std::min(HW, hi * span)); };
+    return [&](int64_t lo, int64_t hi) { block_to_rows(Q, G.q, HW, lo * span, std::min(HW, hi * span)); };
   });
 }
 
