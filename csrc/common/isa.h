@@ -4,8 +4,9 @@
 //
 // Usage, inside the includer's namespace: #define TC_ISA_BODY "the_op_simd.h", then include this
 // file. The body is included once per ISA after the lane count L, the vector types vf / vi,
-// loadn / storen (masked loads and stores of the first n lanes, touching no memory past them)
-// and the helpers of vec.h. No include guard: each kernel file includes it once with its
+// loadn / storen (masked loads and stores of the first n lanes, touching no memory past them),
+// stream (a non-temporal store of a whole vector to an aligned address; stream_fence orders
+// such stores before later ones) and the helpers of vec.h. No include guard: each kernel file includes it once with its
 // own body.
 #ifndef TC_ISA_BODY
 #error "define TC_ISA_BODY (the header compiled once per instruction set) before including isa.h"
@@ -37,6 +38,8 @@ TC_INLINE void storen(float* p, vf v, int n) {
   for (int l = 0; l < n; ++l) p[l] = v[l];
 }
 TC_INLINE vf vfma(vf a, vf b, vf c) { return a * b + c; }
+TC_INLINE void stream(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+TC_INLINE void stream_fence() {}
 #include "vec.h"
 #include TC_ISA_BODY
 }  // namespace v4
@@ -52,6 +55,8 @@ TC_INLINE __m256i lanes_below(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi
 TC_INLINE vf loadn(const float* p, int n) { return (vf)_mm256_maskload_ps(p, lanes_below(n)); }
 TC_INLINE void storen(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), (__m256)v); }
 TC_INLINE vf vfma(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+TC_INLINE void stream(float* p, vf v) { _mm256_stream_ps(p, (__m256)v); }
+TC_INLINE void stream_fence() { _mm_sfence(); }
 #include "vec.h"
 #include TC_ISA_BODY
 }  // namespace v8
@@ -66,6 +71,8 @@ TC_INLINE __mmask16 lanes_below(int n) { return static_cast<__mmask16>((1u << n)
 TC_INLINE vf loadn(const float* p, int n) { return (vf)_mm512_maskz_loadu_ps(lanes_below(n), p); }
 TC_INLINE void storen(float* p, vf v, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), (__m512)v); }
 TC_INLINE vf vfma(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+TC_INLINE void stream(float* p, vf v) { _mm512_stream_ps(p, (__m512)v); }
+TC_INLINE void stream_fence() { _mm_sfence(); }
 #include "vec.h"
 #include TC_ISA_BODY
 }  // namespace v16

@@ -47,6 +47,15 @@ TC_INLINE void store(S* p, vf v, int64_t m) {
     for (int64_t l = 0; l < m; ++l) p[l] = static_cast<S>(v[l]);
   }
 }
+// A store of m <= L elements to an output no later pass reads: a whole aligned vector bypasses the
+// caches (no read of the line before it is written; call stream_fence before the pass ends).
+template <typename S>
+TC_INLINE void store_out(S* p, vf v, int64_t m) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (m == L && reinterpret_cast<uintptr_t>(p) % sizeof(vf) == 0) return stream(p, v);
+  }
+  store(p, v, m);
+}
 TC_INLINE vf vget(const float* a, int64_t j) {  // a full vector of an L-aligned scratch array
   vf v;
   std::memcpy(&v, a + j, sizeof(v));

@@ -384,8 +384,8 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Interleaved& Q, const Interle
     const int64_t m = std::min<int64_t>(L, n - j);
     if (X.loss) store(X.loss + i0 + j, sel(vgeti(R.t->finite, j), vget(R.sumsq, j) * vget(R.vp, j), nan), m);
     if (X.gfl) {
-      store(X.gfl + (b * 2) * X.HW + pix0 + j, vget(R.gx, j), m);
-      store(X.gfl + (b * 2 + 1) * X.HW + pix0 + j, vget(R.gy, j), m);
+      store_out(X.gfl + (b * 2) * X.HW + pix0 + j, vget(R.gx, j), m);
+      store_out(X.gfl + (b * 2 + 1) * X.HW + pix0 + j, vget(R.gy, j), m);
     }
     if (kGrads && X.st_m) {
       store(X.st_m + pix0 + j, vget(R.m, j), m);
@@ -399,7 +399,7 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Interleaved& Q, const Interle
       S* dst = X.gpt + (b * X.C + c) * X.HW + pix0;
       for (int64_t j = 0; j < n; j += L) {
         const vf qt = vget(q, j), dq = vget(R.k2, j) * (qt - vget(wq, j));
-        store(dst + j, X.on_prob ? qt * (dq - vget(R.dt, j)) : dq, std::min<int64_t>(L, n - j));
+        store_out(dst + j, X.on_prob ? qt * (dq - vget(R.dt, j)) : dq, std::min<int64_t>(L, n - j));
       }
     }
 }
@@ -502,7 +502,7 @@ TC_INLINE void block_to_rows(const Interleaved& Q, float* dst, int64_t HW, int64
       vf r[L];
       for (int l = 0; l < L; ++l) r[l] = l < m ? loadn(q0 + l * Q.stride, w) : splat(0.f);
       transpose(r);
-      for (int c = 0; c < w; ++c) storen(d0 + c * HW, r[c], static_cast<int>(m));
+      for (int c = 0; c < w; ++c) store_out(d0 + c * HW, r[c], m);
     }
   }
 }
@@ -510,10 +510,17 @@ TC_INLINE void block_to_rows(const Interleaved& Q, float* dst, int64_t HW, int64
 // --- the passes, one batch item at a time ---------------------------------------------------------
 
 // Items [0, n) of one pass: by parallel_items, or by the calling thread alone (serial).
+// Each worker's non-temporal stores (store_out) are ordered before the pass ends.
 template <typename MakeWorker>
 TC_INLINE void pass_items(bool serial, int64_t n, int64_t chunk, MakeWorker make) {
-  if (!serial) return parallel_items(n, chunk, make);
-  if (n > 0) make()(0, n);
+  const auto fenced = [&] {
+    return [w = make()](int64_t lo, int64_t hi) mutable {
+      w(lo, hi);
+      stream_fence();
+    };
+  };
+  if (!serial) return parallel_items(n, chunk, fenced);
+  if (n > 0) fenced()(0, n);
 }
 
 // The passes of batch item b, over its corner source buffer q ((Ci + C)(HW + 1) floats: img_tk
