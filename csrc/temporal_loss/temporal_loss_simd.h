@@ -6,7 +6,7 @@
 // common/host_device.h (bilinear_taps), the per-pixel code the CUDA kernel and the float64 path
 // run; here every loop runs along x over a chunk of kTile pixels of one row, channel plane by
 // channel plane, except the four-corner fetch, which reads the corner source in a
-// pixel-major layout (see Interleaved).
+// pixel-major layout (see Channels).
 
 static_assert(kTile % L == 0, "a chunk is a whole number of vectors");
 
@@ -18,32 +18,36 @@ TC_INLINE void prefetch_planes(const S* p, int64_t planes, int64_t HW, int64_t n
     for (int64_t b = 0; b < n * int64_t(sizeof(S)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p + c * HW) + b);
 }
 
-// One batch item's channels in a pixel-major layout: pixel p's channel c at q[p * stride + c], so
-// that all channels of a bilinear corner lie in two or three cache lines, and the corner at x + 1
-// follows the one at x. The channels [c0, c0 + C) are read in nb = ceil(C/L) blocks of balanced
-// width (19 = 10 + 9 at L = 16): one vector load per corner and block instead of one gather
-// element per channel, and a scatter into a corner one vector add. The corner source holds
-// img_tk and then q_tk (= softmax_C(pred_tk), or pred_tk as float) per pixel (stride Ci + C);
-// d pred_tk's buffer holds the gradient scattered into q_tk (stride C, blocks as q_tk's).
-struct Interleaved {
+// Channels [c0, c0 + C) of one batch item's buffer, read in nb = ceil(C/L) blocks of balanced
+// width (19 = 10 + 9 at L = 16): pixel p's channels of block g at block(g) + p * pstride(g), one
+// vector load per corner and block instead of one gather element per channel, and a scatter
+// into a corner one vector add.
+//  - pixel-major (stride > 0): pixel p's channel c at q[p * stride + c], so that all channels of
+//    a bilinear corner lie in two or three cache lines and the corner at x + 1 follows the one
+//    at x. The corner source: img_tk and then q_tk (= softmax_C(pred_tk), or pred_tk as float)
+//    per pixel (stride Ci + C); d q_tk where one thread scatters all its channels (stride C).
+//  - channel-blocked (stride 0): block g's channels of every pixel contiguous, the blocks one
+//    after another (HW pixels each): d q_tk where each thread scatters a block of channels
+//    (pass B), so that threads write disjoint cache lines.
+struct Channels {
   float* q;
-  int64_t stride, c0, C;
+  int64_t stride, c0, C, HW;
   TC_INLINE int64_t blocks() const { return (C + L - 1) / L; }
   TC_INLINE int64_t lo(int64_t g) const { return c0 + g * C / blocks(); }
   TC_INLINE int width(int64_t g) const { return static_cast<int>(lo(g + 1) - lo(g)); }
-  TC_INLINE float* block(int64_t g) const { return q + lo(g); }
+  TC_INLINE float* block(int64_t g) const { return stride ? q + lo(g) : q + (lo(g) - c0) * HW; }
+  TC_INLINE int64_t pstride(int64_t g) const { return stride ? stride : width(g); }
 };
 
-// Bilinear taps of a chunk (bilinear_taps of common/host_device.h), structure of arrays: oq and
-// og, where corner k of pixel j starts in the corner source (pixel * its stride) and in d q_tk's
-// buffer (pixel * C), in floats (int32: run_rows takes buffers of fewer than 2^31 floats). An
-// invalid corner (outside the image, non-finite flow, a lane past the chunk) has weight 0, reads
-// the pixel of zeros past the corner source (never 0 * whatever lies at pixel 0) and is never
-// scattered into (og 0). ax, ay: the flow derivatives' weights of the corner differences
-// (BilinearTaps::ax, ay).
+// Bilinear taps of a chunk (bilinear_taps of common/host_device.h), structure of arrays: pix, the
+// pixel of corner k of pixel j, and oq, where it starts in the corner source (pix * its stride,
+// in floats; int32: run_rows takes buffers of fewer than 2^31 floats). An invalid corner
+// (outside the image, non-finite flow, a lane past the chunk) has weight 0, reads the pixel of
+// zeros past the corner source (never 0 * whatever lies at pixel 0) and is never scattered into
+// (pix 0). ax, ay: the flow derivatives' weights of the corner differences (BilinearTaps::ax, ay).
 struct Taps {
+  alignas(64) int32_t pix[4][kTile];
   alignas(64) int32_t oq[4][kTile];
-  alignas(64) int32_t og[4][kTile];
   alignas(64) float w[4][kTile];
   alignas(64) float ax[2][kTile];
   alignas(64) float ay[2][kTile];
@@ -51,7 +55,7 @@ struct Taps {
 };
 
 TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t y, int64_t n, int64_t H, int64_t W,
-                          bool zeros_pad, int32_t sq, int32_t sg, Taps& t) {
+                          bool zeros_pad, int32_t sq, Taps& t) {
   const vi pad = splati(static_cast<int32_t>(H * W) * sq);
   const vf xmax = splat(static_cast<float>(W - 1)), ymax = splat(static_cast<float>(H - 1));
   const vf zero = splat(0.f), one = splat(1.f);
@@ -86,8 +90,8 @@ TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t 
       const vi xs = ix + (k & 1), ys = iy + (k >> 1);
       const vi v = ok & (xs >= 0) & (xs < static_cast<int32_t>(W)) & (ys >= 0) & (ys < static_cast<int32_t>(H));
       const vi pix = ys * static_cast<int32_t>(W) + xs;
+      vputi(t.pix[k], j, v ? pix : splati(0));
       vputi(t.oq[k], j, v ? pix * sq : pad);
-      vputi(t.og[k], j, v ? pix * sg : splati(0));
       vput(t.w[k], j, sel(v, wk[k], zero));
     }
     // (0 where the pixel reads nothing: ok is false)
@@ -102,7 +106,7 @@ template <typename S>
 TC_INLINE void chunk_taps_at(const Ctx<S>& X, int64_t b, int64_t y, int64_t x0, Taps& t) {
   const int64_t pix0 = y * X.W + x0;
   chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, std::min(kTile, X.W - x0), X.H,
-             X.W, X.zeros_pad, static_cast<int32_t>(X.C + X.Ci), static_cast<int32_t>(X.C), t);
+             X.W, X.zeros_pad, static_cast<int32_t>(X.C + X.Ci), t);
 }
 
 // The four corners of pixel j in one block (q: the block's first channel, w channels), with
@@ -119,12 +123,14 @@ TC_INLINE void prefetch_corners(const float* q, const Taps& t, int64_t n) {
 }
 // Every corner of a chunk, prefetched a whole chunk before its use: a random flow's corners reach
 // lines no earlier chunk touched (L3 or DRAM latency, which a few pixels of prefetch distance do
-// not hide). Corners 0 and 1 (and 2 and 3) are neighbours: 2 * stride floats from off[0] (off[2]).
-TC_INLINE void prefetch_chunk(const float* q, int64_t stride, const int32_t (&off)[4][kTile], int64_t n) {
+// not hide). A pixel-major buffer (stride floats a pixel; corner k at q + off[k] * scale): corners
+// 0 and 1 (and 2 and 3) are neighbours, 2 * stride floats from corner 0 (2).
+TC_INLINE void prefetch_chunk(const float* q, int64_t stride, const int32_t (&off)[4][kTile], int64_t scale,
+                              int64_t n) {
   const int64_t last = 2 * stride * int64_t(sizeof(float)) - 1;
   for (int64_t j = 0; j < n; ++j)
     for (int k = 0; k < 4; k += 2) {
-      const char* p = reinterpret_cast<const char*>(q + off[k][j]);
+      const char* p = reinterpret_cast<const char*>(q + off[k][j] * scale);
       for (int64_t b = 0; b < last; b += 64) __builtin_prefetch(p + b);
       __builtin_prefetch(p + last);
     }
@@ -136,21 +142,24 @@ TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
               vfma(splat(wk[2 * kTile + j]), c[2], vfma(splat(wk[kTile + j]), c[1], wk[j] * c[0])));
 }
 
-// The backward's scatter of pixel j: w_k (-dq) added into the four corners of d q_tk (G: the
-// block's first channel in d pred_tk's buffer, w channels), with those of pixel j + kAhead
-// prefetched. Pixels without gradient (k2 = 0) and corners of zero weight (outside the image
-// included; an invalid corner's offset is never used) add nothing: not 0 * a possibly infinite dq.
-TC_INLINE void scatter_corners(float* G, int w, const Taps& t, int64_t j, int64_t n, float k2, vf dq) {
+// The backward's scatter of pixel j: w_k (-dq) added into the four corners of d q_tk (G: block g
+// of d pred_tk's buffer, w channels), with those of pixel j + kAhead prefetched. Pixels without
+// gradient (k2 = 0) and corners of zero weight (outside the image included; an invalid corner's
+// pixel is never used) add nothing: not 0 * a possibly infinite dq.
+TC_INLINE void scatter_corners(const Channels& G, int64_t g, int w, const Taps& t, int64_t j, int64_t n, float k2,
+                               vf dq) {
+  float* const b = G.block(g);
+  const int64_t ps = G.pstride(g);
   if (j + kAhead < n)
-    for (int k = 0; k < 4; ++k) __builtin_prefetch(G + t.og[k][j + kAhead], 1);
+    for (int k = 0; k < 4; ++k) __builtin_prefetch(b + t.pix[k][j + kAhead] * ps, 1);
   if (k2 == 0.f) return;
   // all loads before the stores: a masked store blocks a later load of the next 64 bytes
   // (corner 1 follows corner 0 in memory) until it retires
   vf v[4] = {};
   for (int k = 0; k < 4; ++k)
-    if (t.w[k][j] != 0.f) v[k] = loadn(G + t.og[k][j], w);
+    if (t.w[k][j] != 0.f) v[k] = loadn(b + t.pix[k][j] * ps, w);
   for (int k = 0; k < 4; ++k)
-    if (t.w[k][j] != 0.f) storen(G + t.og[k][j], v[k] - t.w[k][j] * dq, w);
+    if (t.w[k][j] != 0.f) storen(b + t.pix[k][j] * ps, v[k] - t.w[k][j] * dq, w);
 }
 
 // Pixels [j0, j0 + L) of w planar rows (kTile apart) as one vector per pixel, lanes past w 0.
@@ -160,10 +169,10 @@ TC_INLINE void pixel_lanes(const float* rows, int w, int64_t j0, vf out[L]) {
 }
 
 // The fused backward's scatter inside pass A (one thread owns the batch item, so its pixels
-// scatter in the order pass B would: the same bits): d q_tk's buffer (q_tk's first channel), and
-// the chunk's planar q_t rows and 2 g V^p.
+// scatter in the order pass B would: the same bits): d q_tk (blocks as Q's), and the chunk's
+// planar q_t rows and 2 g V^p.
 struct ChunkScatter {
-  float* g;
+  const Channels* G;
   const float* qt;
   const float* k2;
 };
@@ -173,7 +182,7 @@ struct ChunkScatter {
 // ax_1 (q_3 - q_2) and oy = ay_0 (q_2 - q_0) + ay_1 (q_3 - q_1). Per pixel, one vector load per
 // corner and block; per L pixels, one transpose per output.
 template <bool kGrads>
-TC_INLINE void warp_channels(const Interleaved& Q, const Taps& t, int64_t n, float* out, float* ox, float* oy,
+TC_INLINE void warp_channels(const Channels& Q, const Taps& t, int64_t n, float* out, float* ox, float* oy,
                              const ChunkScatter* sc = nullptr) {
   vf r[3][L];
   for (int64_t g = 0; g < Q.blocks(); ++g) {
@@ -193,7 +202,7 @@ TC_INLINE void warp_channels(const Interleaved& Q, const Taps& t, int64_t n, flo
           r[1][l] = t.ax[0][j] * (q[1] - q[0]) + t.ax[1][j] * (q[3] - q[2]);
           r[2][l] = t.ay[0][j] * (q[2] - q[0]) + t.ay[1][j] * (q[3] - q[1]);
         }
-        if (sc && j < n) scatter_corners(sc->g + row, w, t, j, n, sc->k2[j], sc->k2[j] * (qt[l] - r[0][l]));
+        if (sc && j < n) scatter_corners(*sc->G, g, w, t, j, n, sc->k2[j], sc->k2[j] * (qt[l] - r[0][l]));
       }
       float* dst[3] = {out, ox, oy};
       for (int a = 0; a < (kGrads ? 3 : 1); ++a) {
@@ -270,7 +279,7 @@ struct SourceScratch {
 // img_tk's then q_tk's): per chunk, the planar rows in scratch, then per block and L pixels one
 // transpose and L stores of w(g) floats.
 template <typename S>
-TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Interleaved& A, const float* itk, int64_t r0,
+TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Channels& A, const float* itk, int64_t r0,
                                   int64_t r1, SourceScratch& Sc) {
   for (int64_t y = r0; y < r1; ++y)
     for (int64_t x0 = 0; x0 < X.W; x0 += kTile) {
@@ -349,9 +358,9 @@ TC_INLINE void chunk_accumulate(const Ctx<S>& X, int64_t n, const float* warped,
 // Pixels [x0, x0 + kTile) of row y, with the chunk's taps in R.t. Chunks run down kTile-wide
 // strips of the image (see run), so that the corners a random flow reaches stay in the L2 cache
 // from one chunk to the next. Backward (kGrads): d flow, d pred_t = q_t (dq - <q_t, dq>) (or dq),
-// and, given d q_tk's pixel-major buffer G (fused: this thread owns the batch item), the scatter.
+// and, given d q_tk (G; fused: this thread owns the batch item), the scatter.
 template <typename S, bool kGrads>
-TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Interleaved& Q, const Interleaved& I, float* G, int64_t b, int64_t y,
+TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Channels& Q, const Channels& I, const Channels* G, int64_t b, int64_t y,
                             int64_t x0, RowScratch& R) {
   const int64_t W = X.W;
   const vf nan = splat(std::numeric_limits<float>::quiet_NaN());
@@ -422,12 +431,11 @@ struct BlockScratch {
 // warped corners, dq, and w_k (-dq) added into the four corners of d q_tk (G, blocks as Q's) in
 // pixel order, so the result does not depend on the number of threads.
 template <typename S>
-TC_INLINE void pass_b_block(const Ctx<S>& X, const Interleaved& Q, const Interleaved& G, int64_t b, int64_t g,
+TC_INLINE void pass_b_block(const Ctx<S>& X, const Channels& Q, const Channels& G, int64_t b, int64_t g,
                             BlockScratch& B) {
   const int64_t W = X.W, c0 = Q.lo(g) - Q.c0;
   const int w = Q.width(g);
   const float* src = Q.block(g);
-  float* dst = G.block(g);
   const Taps& t = B.t;
   for (int64_t x0 = 0; x0 < W; x0 += kTile)  // strip by strip, as pass A
     for (int64_t y = 0; y < X.H; ++y) {
@@ -447,7 +455,7 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Interleaved& Q, const Interle
           vf q[4];
           fetch_corners(src, w, t, j, n, q);
           const vf dq = k2[j] * (qt[j - j0] - blend(t.w[0], j, q));
-          scatter_corners(dst, w, t, j, n, k2[j], dq);
+          scatter_corners(G, g, w, t, j, n, k2[j], dq);
         }
       }
     }
@@ -459,7 +467,7 @@ TC_INLINE void pass_b_block(const Ctx<S>& X, const Interleaved& Q, const Interle
 // on="prob"), or G. Per L pixels, every load before the first store: a masked store blocks a
 // later load of its 64 bytes (here the next block of the same pixel) until it retires. sq, sg:
 // scratch of blocks() * L * L floats.
-TC_INLINE void softmax_backward_pixels(const Interleaved& Q, const Interleaved& G, bool on_prob, int64_t p0,
+TC_INLINE void softmax_backward_pixels(const Channels& Q, const Channels& G, bool on_prob, int64_t p0,
                                        int64_t p1, float* sq, float* sg) {
   const int64_t nb = Q.blocks();
   for (int64_t j0 = p0; j0 < p1; j0 += L) {
@@ -468,9 +476,10 @@ TC_INLINE void softmax_backward_pixels(const Interleaved& Q, const Interleaved& 
     for (int l = 0; l < L; ++l) acc[l] = splat(0.f);
     for (int64_t g = 0; g < nb; ++g) {
       const int w = Q.width(g);
-      const float *q0 = Q.block(g) + j0 * Q.stride, *g0 = G.block(g) + j0 * G.stride;
+      const int64_t gs = G.pstride(g);
+      const float *q0 = Q.block(g) + j0 * Q.stride, *g0 = G.block(g) + j0 * gs;
       for (int64_t l = 0; l < m; ++l) {
-        const vf q = loadn(q0 + l * Q.stride, w), gq = loadn(g0 + l * G.stride, w);
+        const vf q = loadn(q0 + l * Q.stride, w), gq = loadn(g0 + l * gs, w);
         vput(sq, (g * L + l) * L, q), vput(sg, (g * L + l) * L, gq);
         acc[l] += q * gq;
       }
@@ -492,7 +501,7 @@ TC_INLINE void softmax_backward_pixels(const Interleaved& Q, const Interleaved& 
 }
 
 // Pixels [p0, p1) of Q's channels into planar rows of dst (stride HW), L pixels at a time.
-TC_INLINE void block_to_rows(const Interleaved& Q, float* dst, int64_t HW, int64_t p0, int64_t p1) {
+TC_INLINE void block_to_rows(const Channels& Q, float* dst, int64_t HW, int64_t p0, int64_t p1) {
   for (int64_t j0 = p0; j0 < p1; j0 += L) {
     const int64_t m = std::min<int64_t>(L, p1 - j0);
     for (int64_t g = 0; g < Q.blocks(); ++g) {
@@ -532,11 +541,12 @@ void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
   // Without a scatter into d pred_tk, img_tk and q_tk are read in shared blocks (merged: one
   // gather fewer per pixel); with it, the blocks of q_tk alone, matching d q_tk's.
   const bool merged = !X.gptk;
-  const Interleaved A{q, Ci + C, 0, Ci + C}, I{q, Ci + C, 0, Ci};
-  const Interleaved Q = merged ? A : Interleaved{q, Ci + C, Ci, C};
-  // d q_tk accumulates in d pred_tk's (zeroed) buffer, pixel-major; pass C then turns it into
+  const Channels A{q, Ci + C, 0, Ci + C, HW}, I{q, Ci + C, 0, Ci, HW};
+  const Channels Q = merged ? A : Channels{q, Ci + C, Ci, C, HW};
+  // d q_tk accumulates in d pred_tk's (zeroed) buffer, in blocks as Q's (pixel-major, or
+  // channel-blocked where pass B's threads scatter a block each); pass C then turns it into
   // d pred_tk over Q (whose source is no longer needed) and transposes that to planar.
-  const Interleaved G{X.gptk ? X.gptk + b * C * HW : nullptr, C, 0, C};
+  const Channels G{X.gptk ? X.gptk + b * C * HW : nullptr, fused ? C : 0, 0, C, HW};
   const int64_t strips = (X.W + kTile - 1) / kTile;
   const S* ptk_b = ptk + b * C * HW;
   pass_items(fused, H, 8, [&] {
@@ -552,10 +562,10 @@ void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
         if (i + 1 < hi) {  // the next chunk's taps, and its corners on their way
           const int64_t x1 = (i + 1) / H * kTile, n1 = std::min(kTile, X.W - x1);
           chunk_taps_at(X, b, (i + 1) % H, x1, *R->next);
-          prefetch_chunk(q, A.stride, R->next->oq, n1);
-          if (fused && G.q) prefetch_chunk(G.q, G.stride, R->next->og, n1);
+          prefetch_chunk(q, A.stride, R->next->oq, 1, n1);
+          if (fused && G.q) prefetch_chunk(G.q, G.stride, R->next->pix, G.stride, n1);
         }
-        if (X.grads) pass_a_chunk<S, true>(X, Q, I, fused ? G.q : nullptr, b, y, x0, *R);
+        if (X.grads) pass_a_chunk<S, true>(X, Q, I, fused && G.q ? &G : nullptr, b, y, x0, *R);
         else pass_a_chunk<S, false>(X, Q, I, nullptr, b, y, x0, *R);
         std::swap(R->t, R->next);
       }
