@@ -428,7 +428,8 @@ TC_INLINE vf q_t(const Ctx<S>& X, const S* zt, int64_t j, int64_t m, const float
 // --- pass B: one block of channels of one batch item, backward only ----------------------------
 
 struct BlockScratch {
-  Taps t;
+  Taps tb[2];
+  Taps *t = &tb[0], *next = &tb[1];  // this chunk's taps and the next one's
   alignas(64) float qt[L][kTile];
 };
 
@@ -438,32 +439,40 @@ struct BlockScratch {
 template <typename S>
 TC_INLINE void pass_b_block(const Ctx<S>& X, const Channels& Q, const Channels& G, int64_t b, int64_t g,
                             BlockScratch& B) {
-  const int64_t W = X.W, c0 = Q.lo(g) - Q.c0;
+  const int64_t W = X.W, H = X.H, c0 = Q.lo(g) - Q.c0, strips = (W + kTile - 1) / kTile;
   const int w = Q.width(g);
   const float* src = Q.block(g);
-  const Taps& t = B.t;
-  for (int64_t x0 = 0; x0 < W; x0 += kTile)  // strip by strip, as pass A
-    for (int64_t y = 0; y < X.H; ++y) {
-      const int64_t n = std::min(kTile, W - x0), pix0 = y * W + x0;
-      chunk_taps_at(X, b, y, x0, B.t);
-      if (y + 1 < X.H) prefetch_planes(X.pt + (b * X.C + c0) * X.HW + pix0 + W, w, X.HW, n);
-      for (int c = 0; c < w; ++c) {
-        const S* zt = X.pt + (b * X.C + c0 + c) * X.HW + pix0;
-        for (int64_t j = 0; j < n; j += L) vput(B.qt[c], j, q_t(X, zt, j, std::min<int64_t>(L, n - j), X.st_m + pix0, X.st_r + pix0));
-      }
-      const float* k2 = X.st_k2 + pix0;
-      prefetch_corners(src, t, n);
-      for (int64_t j0 = 0; j0 < n; j0 += L) {
-        vf qt[L];
-        pixel_lanes(B.qt[0], w, j0, qt);
-        for (int64_t j = j0; j < std::min(n, j0 + L); ++j) {
-          vf q[4];
-          fetch_corners(src, w, t, j, n, q);
-          const vf dq = k2[j] * (qt[j - j0] - blend(t.w[0], j, q));
-          scatter_corners(G, g, w, t, j, n, k2[j], dq);
-        }
+  if (strips * H == 0) return;
+  chunk_taps_at(X, b, 0, 0, *B.t);
+  for (int64_t i = 0; i < strips * H; ++i) {  // strip by strip, as pass A
+    const int64_t y = i % H, x0 = i / H * kTile, n = std::min(kTile, W - x0), pix0 = y * W + x0;
+    if (i + 1 < strips * H) {  // the next chunk's taps, its corners on their way, and its rows
+      const int64_t x1 = (i + 1) / H * kTile, y1 = (i + 1) % H, n1 = std::min(kTile, W - x1), pix1 = y1 * W + x1;
+      chunk_taps_at(X, b, y1, x1, *B.next);
+      prefetch_chunk(Q.q, Q.stride, B.next->oq, 1, n1);
+      prefetch_chunk(G.block(g), G.pstride(g), B.next->pix, G.pstride(g), n1);
+      prefetch_planes(X.pt + (b * X.C + c0) * X.HW + pix1, w, X.HW, n1);
+      for (const float* st : {X.st_m, X.st_r, X.st_k2}) prefetch_planes(st + pix1, 1, X.HW, n1);
+    }
+    const Taps& t = *B.t;
+    for (int c = 0; c < w; ++c) {
+      const S* zt = X.pt + (b * X.C + c0 + c) * X.HW + pix0;
+      for (int64_t j = 0; j < n; j += L) vput(B.qt[c], j, q_t(X, zt, j, std::min<int64_t>(L, n - j), X.st_m + pix0, X.st_r + pix0));
+    }
+    const float* k2 = X.st_k2 + pix0;
+    prefetch_corners(src, t, n);
+    for (int64_t j0 = 0; j0 < n; j0 += L) {
+      vf qt[L];
+      pixel_lanes(B.qt[0], w, j0, qt);
+      for (int64_t j = j0; j < std::min(n, j0 + L); ++j) {
+        vf q[4];
+        fetch_corners(src, w, t, j, n, q);
+        const vf dq = k2[j] * (qt[j - j0] - blend(t.w[0], j, q));
+        scatter_corners(G, g, w, t, j, n, k2[j], dq);
       }
     }
+    std::swap(B.t, B.next);
+  }
 }
 
 // --- pass C: d pred_tk from d q_tk --------------------------------------------------------------
