@@ -6,8 +6,8 @@
 // file. The body is included once per ISA after the lane count L, the vector types vf / vi,
 // loadn / storen (masked loads and stores of the first n lanes, touching no memory past them),
 // stream (a non-temporal store of a whole vector to an aligned address; stream_fence orders
-// such stores before later ones) and the helpers of vec.h. No include guard: each kernel file includes it once with its
-// own body.
+// such stores before later ones) and the helpers of vec.h. No include guard: each kernel file
+// includes it once with its own body.
 #ifndef TC_ISA_BODY
 #error "define TC_ISA_BODY (the header compiled once per instruction set) before including isa.h"
 #endif

@@ -17,12 +17,13 @@
 //  A. chunks down kTile-wide strips (the corners a random flow reaches stay in L2): taps,
 //     occlusion weight V^p, q_t, the warped corners and their flow derivatives (transposed
 //     to planar), then the channel loop: loss, d flow, d pred_t, and per-pixel state for pass B.
-//  B. blocks of channels, backward only: d q_tk = sum of w_k (-dq) scattered into its
-//     pixel-major buffer (d pred_tk's own) in a fixed pixel order: no atomics, and the same bits
-//     for any number of threads. Where every thread can own whole batch items (one thread, or B at least
-//     the thread count) pass A scatters instead, in the same pixel order, and pass B (its second
-//     gather of the corners) is skipped: each thread runs all passes of its batch items, each
-//     with a corner source of its own.
+//  B. blocks of channels, backward only: d q_tk = sum of w_k (-dq) scattered into d pred_tk's
+//     own buffer (channel-blocked: each thread writes its own lines) in a fixed pixel order: no
+//     atomics, and the same bits for any number of threads. Where every thread can own whole
+//     batch items (one thread, or B at least the thread count) pass A scatters instead (into
+//     that buffer pixel-major), in the same pixel order, and pass B (its second gather of the
+//     corners) is skipped: each thread runs all passes of its batch items, each with a corner
+//     source of its own.
 //  C. pixels: d pred_tk = q (d q - <q, d q>) pixel-major, over the corner source, then transposed
 //     into d pred_tk's buffer.
 #include <ATen/Parallel.h>
