@@ -123,8 +123,9 @@ TC_INLINE void prefetch_corners(const float* q, const Taps& t, int64_t n) {
 }
 // Every corner of a chunk, prefetched a whole chunk before its use: a random flow's corners reach
 // lines no earlier chunk touched (L3 or DRAM latency, which a few pixels of prefetch distance do
-// not hide). A pixel-major buffer (stride floats a pixel; corner k at q + off[k] * scale): corners
-// 0 and 1 (and 2 and 3) are neighbours, 2 * stride floats from corner 0 (2).
+// not hide). A buffer of `stride` floats a pixel (pixel-major, or one block of a channel-blocked
+// one; corner k at q + off[k] * scale): corners 0 and 1 (and 2 and 3) are neighbours, 2 * stride
+// floats from corner 0 (2).
 TC_INLINE void prefetch_chunk(const float* q, int64_t stride, const int32_t (&off)[4][kTile], int64_t scale,
                               int64_t n) {
   const int64_t last = 2 * stride * int64_t(sizeof(float)) - 1;
@@ -215,7 +216,7 @@ TC_INLINE void warp_channels(const Channels& Q, const Taps& t, int64_t n, float*
 
 // Planar rows src[c * ss + j] (c < w, j < n) into pixels dst[j * ds + c], L pixels per
 // transpose; nothing past a row's n floats is read.
-TC_INLINE void rows_to_block(const float* src, int64_t ss, int w, int64_t n, float* dst, int64_t ds) {
+TC_INLINE void rows_to_pixels(const float* src, int64_t ss, int w, int64_t n, float* dst, int64_t ds) {
   for (int64_t j0 = 0; j0 < n; j0 += L) {
     vf r[L];
     const int64_t m = std::min<int64_t>(L, n - j0);
@@ -289,7 +290,7 @@ TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Channels&
       for (int64_t ci = 0; ci < X.Ci; ++ci) std::memcpy(Sc.q.data() + ci * kTile, itk + ci * X.HW + pix0, n * sizeof(float));
       source_rows<S>(ptk + pix0, X.on_prob, X.C, X.HW, n, Sc.q.data() + X.Ci * kTile, Sc.mo, Sc.so);
       for (int64_t g = 0; g < A.blocks(); ++g)
-        rows_to_block(Sc.q.data() + A.lo(g) * kTile, kTile, A.width(g), n, A.block(g) + pix0 * A.stride, A.stride);
+        rows_to_pixels(Sc.q.data() + A.lo(g) * kTile, kTile, A.width(g), n, A.block(g) + pix0 * A.stride, A.stride);
     }
 }
 
@@ -528,7 +529,7 @@ TC_INLINE void softmax_backward_pixels(const Channels& Q, const Channels& G, boo
 }
 
 // Pixels [p0, p1) of Q's channels into planar rows of dst (stride HW), L pixels at a time.
-TC_INLINE void block_to_rows(const Channels& Q, float* dst, int64_t HW, int64_t p0, int64_t p1) {
+TC_INLINE void pixels_to_rows(const Channels& Q, float* dst, int64_t HW, int64_t p0, int64_t p1) {
   for (int64_t j0 = p0; j0 < p1; j0 += L) {
     const int64_t m = std::min<int64_t>(L, p1 - j0);
     if (j0 + kStreamAhead + L <= p1) prefetch_pixels(Q, j0 + kStreamAhead, false);
@@ -613,7 +614,7 @@ void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
     };
   });
   pass_items(fused, (HW + span - 1) / span, 1, [&] {
-    return [&](int64_t lo, int64_t hi) { block_to_rows(Q, G.q, HW, lo * span, std::min(HW, hi * span)); };
+    return [&](int64_t lo, int64_t hi) { pixels_to_rows(Q, G.q, HW, lo * span, std::min(HW, hi * span)); };
   });
 }
 
