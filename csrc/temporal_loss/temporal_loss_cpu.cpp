@@ -67,9 +67,6 @@ void parallel_items(int64_t n, int64_t chunk, MakeWorker make) {
 template <typename S>
 struct Ctx {
   const S* pt;
-  float* q;        // buffers of q_size floats (one, or fused one per thread): a batch item's img_tk
-  int64_t q_size;  // and corner source, pixel-major, and a pixel of zeros (simd.h: run_item)
-  bool fused;      // backward, one batch item per thread: pass A scatters (simd.h: run)
   const float *flow, *it, *itk, *grad;
   bool grad_map;
   float grad_mul;
@@ -80,11 +77,8 @@ struct Ctx {
   bool grads;   // pass A accumulates the gradient reductions
   float* loss;  // (B,H,W) or null
   float* gfl;   // (B,2,H,W) or null
-  // per-pixel state of one batch item from pass A for pass B (null: no pass B), each H*W:
-  // softmax statistics of pred_t and 2 g V^p
-  float *st_m, *st_r, *st_k2;
   S* gpt;       // (B,C,H,W) or null
-  float* gptk;  // (B,C,H,W), zeroed, or null
+  float* gptk;  // (B,C,H,W) or null
 };
 
 // temporal_loss_simd.h once per instruction set (common/isa.h); run_isa() picks one at first use.
@@ -132,24 +126,6 @@ void run_rows(const TLTensors& T) {
   X.gpt = P.g_pt ? T.g_pt.data_ptr<S>() : nullptr;
   X.gptk = P.g_ptk ? T.g_ptk_acc.data_ptr<float>() : nullptr;
 
-  // The backward with d pred_tk fuses its scatter into pass A where each thread can own whole
-  // batch items (one thread, or at least a batch item per thread); else pass B scatters, one
-  // thread per block of channels, from pass A's per-pixel state. The same bits either way.
-  const int64_t threads = at::get_num_threads();
-  X.fused = P.g_ptk && (threads == 1 || P.B >= threads);
-  // img_tk and the corner source, pixel-major, then a pixel of zeros (simd.h: run_item): one
-  // batch item at a time, or (fused) one per thread
-  X.q_size = (P.C + P.Ci) * (HW + 1);
-  at::Tensor qbuf = at::empty({X.fused ? std::min(threads, P.B) : 1, X.q_size}, T.flow.options());
-  advise_huge_pages(qbuf);
-  qbuf.narrow(1, (P.C + P.Ci) * HW, P.C + P.Ci).zero_();
-  X.q = qbuf.data_ptr<float>();
-  at::Tensor state;
-  if (P.g_ptk && !X.fused) {
-    state = at::empty({3, HW}, T.flow.options());
-    float* s = state.data_ptr<float>();
-    X.st_m = s, X.st_r = s + HW, X.st_k2 = s + 2 * HW;
-  }
   run_isa(X, T.ptk.data_ptr<S>());
 }
 
@@ -201,6 +177,10 @@ template <typename scalar_t, typename acc_t>
 void run_per_pixel(const TLTensors& T) {
   const TLParams& P = T.P;
   const int64_t HW = P.H * P.W, nrows = P.B * P.H;
+  if (P.g_ptk) {  // scattered into at random corners: huge pages, then zeros
+    advise_huge_pages(T.g_ptk_acc);
+    T.g_ptk_acc.zero_();
+  }
   at::Tensor st_tk;
   const SoftmaxStats<acc_t>* pst_tk = nullptr;
   if (P.on_prob) {
@@ -225,10 +205,6 @@ void run_per_pixel(const TLTensors& T) {
 }
 
 void run_cpu(TLTensors& T) {
-  if (T.g_ptk_acc.defined()) {  // scattered into at random corners: huge pages, then zeros
-    advise_huge_pages(T.g_ptk_acc);
-    T.g_ptk_acc.zero_();
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T.pt.scalar_type(), "tcloss_temporal_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if constexpr (std::is_same_v<scalar_t, double>) {

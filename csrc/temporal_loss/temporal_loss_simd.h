@@ -18,33 +18,40 @@ TC_INLINE void prefetch_planes(const S* p, int64_t planes, int64_t HW, int64_t n
     for (int64_t b = 0; b < n * int64_t(sizeof(S)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p + c * HW) + b);
 }
 
-// Channels [c0, c0 + C) of one batch item's buffer, read in nb = ceil(C/L) blocks of balanced
-// width (19 = 10 + 9 at L = 16): pixel p's channels of block g at block(g) + p * pstride(g), one
-// vector load per corner and block instead of one gather element per channel, and a scatter
-// into a corner one vector add.
-//  - pixel-major (stride > 0): pixel p's channel c at q[p * stride + c], so that all channels of
-//    a bilinear corner lie in two or three cache lines and the corner at x + 1 follows the one
-//    at x. The corner source: img_tk and then q_tk (= softmax_C(pred_tk), or pred_tk as float)
-//    per pixel (stride Ci + C); d q_tk where one thread scatters all its channels (stride C).
-//  - channel-blocked (stride 0): block g's channels of every pixel contiguous, the blocks one
-//    after another (HW pixels each): d q_tk where each thread scatters a block of channels
-//    (pass B), so that threads write disjoint cache lines.
+// Channels [c0, c0 + C) of a pixel-major buffer (pixel p's channel c at q[p * stride + c]),
+// read in nb = ceil(C/L) blocks of balanced width (19 = 10 + 9 at L = 16): pixel p's channels of
+// block g at block(g) + p * stride, one vector load per corner and block instead of one gather
+// element per channel, and a scatter into a corner one vector add. All channels of a bilinear
+// corner lie in two or three cache lines, and the corner at x + 1 follows the one at x. The
+// corner source: img_tk and then q_tk (= softmax_C(pred_tk), or pred_tk as float) per pixel
+// (stride Ci + C); d q_tk: stride C.
 struct Channels {
   float* q;
-  int64_t stride, c0, C, HW;
+  int64_t stride, c0, C;
   TC_INLINE int64_t blocks() const { return (C + L - 1) / L; }
   TC_INLINE int64_t lo(int64_t g) const { return c0 + g * C / blocks(); }
   TC_INLINE int width(int64_t g) const { return static_cast<int>(lo(g + 1) - lo(g)); }
-  TC_INLINE float* block(int64_t g) const { return stride ? q + lo(g) : q + (lo(g) - c0) * HW; }
-  TC_INLINE int64_t pstride(int64_t g) const { return stride ? stride : width(g); }
+  TC_INLINE float* block(int64_t g) const { return q + lo(g); }
+};
+
+// The part of batch item b's corner source (and of d q_tk) one strip of kTile columns reaches,
+// as it runs down the image: columns [c0, c0 + w) of rows y + lo .. y + hi while pass A is at
+// row y (lo <= 0 <= hi; every corner a pixel of the strip reads, found by strip_window), held
+// in R rows of w pixels (R = hi - lo + 1, or H if fewer): row r in ring row r mod R. Rows enter
+// as the strip moves down and leave (d q_tk: flushed into d pred_tk) once no later row reaches
+// them; a pixel of zeros after the R w pixels is what invalid corners read.
+struct Window {
+  int64_t c0, w, lo, hi, R;
+  TC_INLINE int64_t pixels() const { return R * w; }
+  TC_INLINE int64_t at(int64_t r) const { return r % R * w; }  // the first pixel of row r
 };
 
 // Bilinear taps of a chunk (bilinear_taps of common/host_device.h), structure of arrays: pix, the
-// pixel of corner k of pixel j, and oq, where it starts in the corner source (pix * its stride,
-// in floats; int32: run_rows takes buffers of fewer than 2^31 floats). An invalid corner
+// window pixel of corner k of pixel j, and oq, where it starts in the corner source (pix * its
+// stride, in floats; int32: run_rows takes images of fewer than 2^31 floats). An invalid corner
 // (outside the image, non-finite flow, a lane past the chunk) has weight 0, reads the pixel of
-// zeros past the corner source (never 0 * whatever lies at pixel 0) and is never scattered into
-// (pix 0). ax, ay: the flow derivatives' weights of the corner differences (BilinearTaps::ax, ay).
+// zeros past the window and is never scattered into (pix 0). ax, ay: the flow derivatives'
+// weights of the corner differences (BilinearTaps::ax, ay).
 struct Taps {
   alignas(64) int32_t pix[4][kTile];
   alignas(64) int32_t oq[4][kTile];
@@ -54,59 +61,105 @@ struct Taps {
   alignas(64) int32_t finite[kTile];
 };
 
-TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t y, int64_t n, int64_t H, int64_t W,
-                          bool zeros_pad, int32_t sq, Taps& t) {
-  const vi pad = splati(static_cast<int32_t>(H * W) * sq);
+// The sample point of pixels [x0 + j, x0 + j + L) of row y (n: the chunk's pixels) as
+// bilinear_taps computes it: ix, iy the top-left corner, tx, ty the fractions, gx, gy the
+// border's gradient gates, ok where it reads anything, fin where the flow is finite.
+struct Point {
+  vf tx, ty, gx, gy;
+  vi ix, iy, ok, fin;
+};
+TC_INLINE Point sample_point(const float* fu, const float* fv, int64_t x0, int64_t y, int64_t j, int64_t n,
+                             int64_t H, int64_t W, bool zeros_pad) {
   const vf xmax = splat(static_cast<float>(W - 1)), ymax = splat(static_cast<float>(H - 1));
   const vf zero = splat(0.f), one = splat(1.f);
   vf lane;
   for (int l = 0; l < L; ++l) lane[l] = static_cast<float>(l);
+  const int64_t m = std::min<int64_t>(L, n - j);
+  const vi inlane = __builtin_convertvector(lane, vi) < static_cast<int32_t>(m);
+  vf px = splat(static_cast<float>(x0 + j)) + lane + load(fu + j, m);
+  vf py = splat(static_cast<float>(y)) + load(fv + j, m);
+  Point p;
+  p.fin = vfinite(px) & vfinite(py) & inlane;
+  px = sel(p.fin, px, zero);
+  py = sel(p.fin, py, zero);
+  p.gx = one, p.gy = one;
+  p.ok = p.fin;
+  if (!zeros_pad) {  // border: clamp, and no gradient on or beyond the border
+    p.gx = sel((px <= 0.f) | (px >= xmax), zero, one);
+    p.gy = sel((py <= 0.f) | (py >= ymax), zero, one);
+    px = sel(px <= 0.f, zero, sel(px >= xmax, xmax, px));
+    py = sel(py <= 0.f, zero, sel(py >= ymax, ymax, py));
+  } else {  // far outside: nothing is read (also keeps the conversion below in range)
+    const vi inside = (px >= -1.f) & (px <= static_cast<float>(W)) & (py >= -1.f) & (py <= static_cast<float>(H));
+    p.ok &= inside;
+    px = sel(inside, px, zero);
+    py = sel(inside, py, zero);
+  }
+  const vf flx = vfloor(px), fly = vfloor(py);
+  p.ix = __builtin_convertvector(flx, vi), p.iy = __builtin_convertvector(fly, vi);
+  p.tx = px - flx, p.ty = py - fly;
+  return p;
+}
+
+// The taps of pixels [x0, x0 + n) of row y, their corners in window V.
+TC_INLINE void chunk_taps(const float* fu, const float* fv, int64_t x0, int64_t y, int64_t n, int64_t H, int64_t W,
+                          bool zeros_pad, const Window& V, int32_t sq, Taps& t) {
+  const vi pad = splati(static_cast<int32_t>(V.pixels()) * sq);
+  const vf zero = splat(0.f);
+  // rows [r0, r0 + R) are in the window, row r0 in ring row s0 (a corner's ring row: ys - r0 + s0,
+  // less R past the last)
+  const int64_t r0 = std::max<int64_t>(0, y + V.lo), s0 = r0 % V.R;
   for (int64_t j = 0; j < n; j += L) {
-    const int64_t m = std::min<int64_t>(L, n - j);
-    vi inlane = __builtin_convertvector(lane, vi) < static_cast<int32_t>(m);
-    vf px = splat(static_cast<float>(x0 + j)) + lane + load(fu + j, m);
-    vf py = splat(static_cast<float>(y)) + load(fv + j, m);
-    const vi fin = vfinite(px) & vfinite(py) & inlane;
-    px = sel(fin, px, zero);
-    py = sel(fin, py, zero);
-    vf gx = one, gy = one;
-    vi ok = fin;
-    if (!zeros_pad) {  // border: clamp, and no gradient on or beyond the border
-      gx = sel((px <= 0.f) | (px >= xmax), zero, one);
-      gy = sel((py <= 0.f) | (py >= ymax), zero, one);
-      px = sel(px <= 0.f, zero, sel(px >= xmax, xmax, px));
-      py = sel(py <= 0.f, zero, sel(py >= ymax, ymax, py));
-    } else {  // far outside: nothing is read (also keeps the conversion below in range)
-      const vi inside = (px >= -1.f) & (px <= static_cast<float>(W)) & (py >= -1.f) & (py <= static_cast<float>(H));
-      ok &= inside;
-      px = sel(inside, px, zero);
-      py = sel(inside, py, zero);
-    }
-    const vf flx = vfloor(px), fly = vfloor(py);
-    const vi ix = __builtin_convertvector(flx, vi), iy = __builtin_convertvector(fly, vi);
-    const vf tx = px - flx, ty = py - fly;
-    const vf wk[4] = {(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty};
+    const Point p = sample_point(fu, fv, x0, y, j, n, H, W, zeros_pad);
+    const vf wk[4] = {(1 - p.tx) * (1 - p.ty), p.tx * (1 - p.ty), (1 - p.tx) * p.ty, p.tx * p.ty};
     for (int k = 0; k < 4; ++k) {
-      const vi xs = ix + (k & 1), ys = iy + (k >> 1);
-      const vi v = ok & (xs >= 0) & (xs < static_cast<int32_t>(W)) & (ys >= 0) & (ys < static_cast<int32_t>(H));
-      const vi pix = ys * static_cast<int32_t>(W) + xs;
+      const vi xs = p.ix + (k & 1), ys = p.iy + (k >> 1);
+      const vi v = p.ok & (xs >= 0) & (xs < static_cast<int32_t>(W)) & (ys >= 0) & (ys < static_cast<int32_t>(H));
+      vi ring = ys - static_cast<int32_t>(r0 - s0);
+      ring = ring >= static_cast<int32_t>(V.R) ? ring - static_cast<int32_t>(V.R) : ring;
+      const vi pix = ring * static_cast<int32_t>(V.w) + xs - static_cast<int32_t>(V.c0);
       vputi(t.pix[k], j, v ? pix : splati(0));
       vputi(t.oq[k], j, v ? pix * sq : pad);
       vput(t.w[k], j, sel(v, wk[k], zero));
     }
     // (0 where the pixel reads nothing: ok is false)
-    vput(t.ax[0], j, sel(ok, (1 - ty) * gx, zero)), vput(t.ax[1], j, sel(ok, ty * gx, zero));
-    vput(t.ay[0], j, sel(ok, (1 - tx) * gy, zero)), vput(t.ay[1], j, sel(ok, tx * gy, zero));
-    vputi(t.finite, j, fin);
+    vput(t.ax[0], j, sel(p.ok, (1 - p.ty) * p.gx, zero)), vput(t.ax[1], j, sel(p.ok, p.ty * p.gx, zero));
+    vput(t.ay[0], j, sel(p.ok, (1 - p.tx) * p.gy, zero)), vput(t.ay[1], j, sel(p.ok, p.tx * p.gy, zero));
+    vputi(t.finite, j, p.fin);
   }
 }
 
 // The taps of pixels [x0, x0 + kTile) of row y of batch item b.
 template <typename S>
-TC_INLINE void chunk_taps_at(const Ctx<S>& X, int64_t b, int64_t y, int64_t x0, Taps& t) {
+TC_INLINE void chunk_taps_at(const Ctx<S>& X, int64_t b, int64_t y, int64_t x0, const Window& V, Taps& t) {
   const int64_t pix0 = y * X.W + x0;
   chunk_taps(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, std::min(kTile, X.W - x0), X.H,
-             X.W, X.zeros_pad, static_cast<int32_t>(X.C + X.Ci), t);
+             X.W, X.zeros_pad, V, static_cast<int32_t>(X.C + X.Ci), t);
+}
+
+// The window of the strip of columns [x0, x0 + kTile) of batch item b: every corner its pixels
+// read (the same sample points as chunk_taps), and the strip itself.
+template <typename S>
+Window strip_window(const Ctx<S>& X, int64_t b, int64_t x0) {
+  const int64_t n = std::min(kTile, X.W - x0);
+  constexpr int32_t kBig = std::numeric_limits<int32_t>::max();
+  vi xlo = splati(kBig), xhi = splati(-kBig), ylo = splati(kBig), yhi = splati(-kBig);
+  for (int64_t y = 0; y < X.H; ++y) {
+    const int64_t pix0 = y * X.W + x0;
+    for (int64_t j = 0; j < n; j += L) {
+      const Point p = sample_point(X.flow + (b * 2) * X.HW + pix0, X.flow + (b * 2 + 1) * X.HW + pix0, x0, y, j, n,
+                                   X.H, X.W, X.zeros_pad);
+      const vi dy = p.iy - static_cast<int32_t>(y);
+      xlo = (p.ok & (p.ix < xlo)) ? p.ix : xlo, xhi = (p.ok & (p.ix > xhi)) ? p.ix : xhi;
+      ylo = (p.ok & (dy < ylo)) ? dy : ylo, yhi = (p.ok & (dy > yhi)) ? dy : yhi;
+    }
+  }
+  int64_t c0 = x0, c1 = x0 + n, lo = 0, hi = 0;  // the strip itself, and its own row
+  for (int l = 0; l < L; ++l) {  // corners ix .. ix + 1, iy .. iy + 1, clipped to the image
+    if (xlo[l] <= xhi[l]) c0 = std::min<int64_t>(c0, std::max<int64_t>(0, xlo[l])), c1 = std::max<int64_t>(c1, std::min<int64_t>(X.W, xhi[l] + 2));
+    if (ylo[l] <= yhi[l]) lo = std::min<int64_t>(lo, std::max<int64_t>(-X.H, ylo[l])), hi = std::max<int64_t>(hi, std::min<int64_t>(X.H, yhi[l] + 1));
+  }
+  return Window{c0, c1 - c0, lo, hi, std::min(X.H, hi - lo + 1)};
 }
 
 // The four corners of pixel j in one block (q: the block's first channel, w channels), with
@@ -150,7 +203,7 @@ TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
 TC_INLINE void scatter_corners(const Channels& G, int64_t g, int w, const Taps& t, int64_t j, int64_t n, float k2,
                                vf dq) {
   float* const b = G.block(g);
-  const int64_t ps = G.pstride(g);
+  const int64_t ps = G.stride;
   if (j + kAhead < n)
     for (int k = 0; k < 4; ++k) __builtin_prefetch(b + t.pix[k][j + kAhead] * ps, 1);
   if (k2 == 0.f) return;
@@ -276,22 +329,19 @@ struct SourceScratch {
   SourceScratch(int64_t C, int64_t Ci) : q(static_cast<size_t>((C + Ci) * kTile)) {}
 };
 
-// Rows [r0, r1) of batch item ptk (planar) and img_tk into the corner source A (all its channels,
-// img_tk's then q_tk's): per chunk, the planar rows in scratch, then per block and L pixels one
-// transpose and L stores of w(g) floats.
+// Columns [c0, c1) of row y of batch item ptk (planar) and img_tk into the corner source A (all
+// its channels, img_tk's then q_tk's) from its pixel p on: per kTile pixels, the planar rows in
+// scratch, then per block and L pixels one transpose and L stores of w(g) floats.
 template <typename S>
-TC_INLINE void corner_source_rows(const Ctx<S>& X, const S* ptk, const Channels& A, const float* itk, int64_t r0,
-                                  int64_t r1, SourceScratch& Sc) {
-  for (int64_t y = r0; y < r1; ++y)
-    for (int64_t x0 = 0; x0 < X.W; x0 += kTile) {
-      const int64_t n = std::min(kTile, X.W - x0), pix0 = y * X.W + x0;
-      prefetch_planes(ptk + pix0 + n, X.C, X.HW, std::min(kTile, X.HW - pix0 - n));
-      prefetch_planes(itk + pix0 + n, X.Ci, X.HW, std::min(kTile, X.HW - pix0 - n));
-      for (int64_t ci = 0; ci < X.Ci; ++ci) std::memcpy(Sc.q.data() + ci * kTile, itk + ci * X.HW + pix0, n * sizeof(float));
-      source_rows<S>(ptk + pix0, X.on_prob, X.C, X.HW, n, Sc.q.data() + X.Ci * kTile, Sc.mo, Sc.so);
-      for (int64_t g = 0; g < A.blocks(); ++g)
-        rows_to_pixels(Sc.q.data() + A.lo(g) * kTile, kTile, A.width(g), n, A.block(g) + pix0 * A.stride, A.stride);
-    }
+TC_INLINE void source_row(const Ctx<S>& X, const S* ptk, const float* itk, int64_t y, int64_t c0, int64_t c1,
+                          const Channels& A, int64_t p, SourceScratch& Sc) {
+  for (int64_t x0 = c0; x0 < c1; x0 += kTile) {
+    const int64_t n = std::min(kTile, c1 - x0), pix0 = y * X.W + x0;
+    for (int64_t ci = 0; ci < X.Ci; ++ci) std::memcpy(Sc.q.data() + ci * kTile, itk + ci * X.HW + pix0, n * sizeof(float));
+    source_rows<S>(ptk + pix0, X.on_prob, X.C, X.HW, n, Sc.q.data() + X.Ci * kTile, Sc.mo, Sc.so);
+    for (int64_t g = 0; g < A.blocks(); ++g)
+      rows_to_pixels(Sc.q.data() + A.lo(g) * kTile, kTile, A.width(g), n, A.block(g) + (p + x0 - c0) * A.stride, A.stride);
+  }
 }
 
 // --- pass A: rows ----------------------------------------------------------------------------------
@@ -402,11 +452,6 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Channels& Q, const Channels& 
       store_out(X.gfl + (b * 2) * X.HW + pix0 + j, vget(R.gx, j), m);
       store_out(X.gfl + (b * 2 + 1) * X.HW + pix0 + j, vget(R.gy, j), m);
     }
-    if (kGrads && X.st_m) {
-      store(X.st_m + pix0 + j, vget(R.m, j), m);
-      store(X.st_r + pix0 + j, vget(R.rinv, j), m);
-      store(X.st_k2 + pix0 + j, vget(R.k2, j), m);
-    }
   }
   if (kGrads && X.gpt)
     for (int64_t c = 0; c < X.C; ++c) {
@@ -419,76 +464,7 @@ TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Channels& Q, const Channels& 
     }
 }
 
-// q_t of a vector of the chunk from pass A's softmax statistics (on="prob") or the scores.
-template <typename S>
-TC_INLINE vf q_t(const Ctx<S>& X, const S* zt, int64_t j, int64_t m, const float* mx, const float* rinv) {
-  const vf z = load(zt + j, m);
-  return X.on_prob ? vexp_nonpos(z - vget(mx, j)) * vget(rinv, j) : z;
-}
-
-// --- pass B: one block of channels of one batch item, backward only ----------------------------
-
-struct BlockScratch {
-  Taps tb[2];
-  Taps *t = &tb[0], *next = &tb[1];  // this chunk's taps and the next one's
-  alignas(64) float qt[L][kTile];
-};
-
-// The scatter of tl_channel_grads, in the block's channel lanes: q_t (planar, transposed), the
-// warped corners, dq, and w_k (-dq) added into the four corners of d q_tk (G, blocks as Q's) in
-// pixel order, so the result does not depend on the number of threads.
-template <typename S>
-TC_INLINE void pass_b_block(const Ctx<S>& X, const Channels& Q, const Channels& G, int64_t b, int64_t g,
-                            BlockScratch& B) {
-  const int64_t W = X.W, H = X.H, c0 = Q.lo(g) - Q.c0, strips = (W + kTile - 1) / kTile;
-  const int w = Q.width(g);
-  const float* src = Q.block(g);
-  if (strips * H == 0) return;
-  chunk_taps_at(X, b, 0, 0, *B.t);
-  for (int64_t i = 0; i < strips * H; ++i) {  // strip by strip, as pass A
-    const int64_t y = i % H, x0 = i / H * kTile, n = std::min(kTile, W - x0), pix0 = y * W + x0;
-    if (i + 1 < strips * H) {  // the next chunk's taps, its corners on their way, and its rows
-      const int64_t x1 = (i + 1) / H * kTile, y1 = (i + 1) % H, n1 = std::min(kTile, W - x1), pix1 = y1 * W + x1;
-      chunk_taps_at(X, b, y1, x1, *B.next);
-      prefetch_chunk(Q.q, Q.stride, B.next->oq, 1, n1);
-      prefetch_chunk(G.block(g), G.pstride(g), B.next->pix, G.pstride(g), n1);
-      prefetch_planes(X.pt + (b * X.C + c0) * X.HW + pix1, w, X.HW, n1);
-      for (const float* st : {X.st_m, X.st_r, X.st_k2}) prefetch_planes(st + pix1, 1, X.HW, n1);
-    }
-    const Taps& t = *B.t;
-    for (int c = 0; c < w; ++c) {
-      const S* zt = X.pt + (b * X.C + c0 + c) * X.HW + pix0;
-      for (int64_t j = 0; j < n; j += L) vput(B.qt[c], j, q_t(X, zt, j, std::min<int64_t>(L, n - j), X.st_m + pix0, X.st_r + pix0));
-    }
-    const float* k2 = X.st_k2 + pix0;
-    prefetch_corners(src, t, n);
-    for (int64_t j0 = 0; j0 < n; j0 += L) {
-      vf qt[L];
-      pixel_lanes(B.qt[0], w, j0, qt);
-      for (int64_t j = j0; j < std::min(n, j0 + L); ++j) {
-        vf q[4];
-        fetch_corners(src, w, t, j, n, q);
-        const vf dq = k2[j] * (qt[j - j0] - blend(t.w[0], j, q));
-        scatter_corners(G, g, w, t, j, n, k2[j], dq);
-      }
-    }
-    std::swap(B.t, B.next);
-  }
-}
-
-// --- pass C: d pred_tk from d q_tk --------------------------------------------------------------
-
-// The pixels [j, j + L) of a pixel-major buffer, or of each block of a channel-blocked one,
-// prefetched: pass C reads them a few cache lines at a time per stream, and on the machine
-// measured (AMD EPYC VM) the hardware prefetcher did not keep ahead (fwd+bwd 43-46 vs 50-53 ms).
-TC_INLINE void prefetch_pixels(const Channels& A, int64_t j, bool write) {
-  for (int64_t g = 0; g < (A.stride ? 1 : A.blocks()); ++g) {
-    const char* p = reinterpret_cast<const char*>(A.stride ? A.q + j * A.stride : A.block(g) + j * A.pstride(g));
-    const int64_t bytes = L * (A.stride ? A.stride : A.pstride(g)) * int64_t(sizeof(float));
-    for (int64_t b = 0; b < bytes; b += 64) write ? __builtin_prefetch(p + b, 1) : __builtin_prefetch(p + b);
-  }
-}
-constexpr int64_t kStreamAhead = 4 * L;  // pixels
+// --- leaving rows: d pred_tk from d q_tk ----------------------------------------------------------
 
 // In place over Q's channels (its q_tk), pixels [p0, p1): q (G - <q, G>) (the softmax backward,
 // on="prob"), or G. Per L pixels, every load before the first store: a masked store blocks a
@@ -499,15 +475,13 @@ TC_INLINE void softmax_backward_pixels(const Channels& Q, const Channels& G, boo
   const int64_t nb = Q.blocks();
   for (int64_t j0 = p0; j0 < p1; j0 += L) {
     const int64_t m = std::min<int64_t>(L, p1 - j0);
-    if (j0 + kStreamAhead + L <= p1) prefetch_pixels(Q, j0 + kStreamAhead, true), prefetch_pixels(G, j0 + kStreamAhead, false);
     vf acc[L];
     for (int l = 0; l < L; ++l) acc[l] = splat(0.f);
     for (int64_t g = 0; g < nb; ++g) {
       const int w = Q.width(g);
-      const int64_t gs = G.pstride(g);
-      const float *q0 = Q.block(g) + j0 * Q.stride, *g0 = G.block(g) + j0 * gs;
+      const float *q0 = Q.block(g) + j0 * Q.stride, *g0 = G.block(g) + j0 * G.stride;
       for (int64_t l = 0; l < m; ++l) {
-        const vf q = loadn(q0 + l * Q.stride, w), gq = loadn(g0 + l * gs, w);
+        const vf q = loadn(q0 + l * Q.stride, w), gq = loadn(g0 + l * G.stride, w);
         vput(sq, (g * L + l) * L, q), vput(sg, (g * L + l) * L, gq);
         acc[l] += q * gq;
       }
@@ -528,111 +502,144 @@ TC_INLINE void softmax_backward_pixels(const Channels& Q, const Channels& G, boo
   }
 }
 
-// Pixels [p0, p1) of Q's channels into planar rows of dst (stride HW), L pixels at a time.
-TC_INLINE void pixels_to_rows(const Channels& Q, float* dst, int64_t HW, int64_t p0, int64_t p1) {
-  for (int64_t j0 = p0; j0 < p1; j0 += L) {
-    const int64_t m = std::min<int64_t>(L, p1 - j0);
-    if (j0 + kStreamAhead + L <= p1) prefetch_pixels(Q, j0 + kStreamAhead, false);
+// Pixels [p, p + n) of Q's channels into the planar rows of dst (stride HW, n floats each): where
+// add[j] is set, added to what an earlier strip wrote there.
+TC_INLINE void pixels_to_rows(const Channels& Q, int64_t p, int64_t n, float* dst, int64_t HW, const int32_t* add) {
+  for (int64_t j0 = 0; j0 < n; j0 += L) {
+    const int64_t m = std::min<int64_t>(L, n - j0);
+    const vi a = vgeti(add, j0);
+    bool any = false;
+    for (int64_t l = 0; l < m; ++l) any |= a[l] != 0;
     for (int64_t g = 0; g < Q.blocks(); ++g) {
       const int w = Q.width(g);
-      const float* q0 = Q.block(g) + j0 * Q.stride;
+      const float* q0 = Q.block(g) + (p + j0) * Q.stride;
       float* d0 = dst + (Q.lo(g) - Q.c0) * HW + j0;
       vf r[L];
       for (int l = 0; l < L; ++l) r[l] = l < m ? loadn(q0 + l * Q.stride, w) : splat(0.f);
       transpose(r);
-      for (int c = 0; c < w; ++c) store_out(d0 + c * HW, r[c], m);
+      for (int c = 0; c < w; ++c)
+        if (any) store(d0 + c * HW, sel(a, r[c] + load(d0 + c * HW, m), r[c]), m);
+        else store_out(d0 + c * HW, r[c], m);
     }
   }
 }
 
-// --- the passes, one batch item at a time ---------------------------------------------------------
+// --- the strips -------------------------------------------------------------------------------------
 
-// Items [0, n) of one pass: by parallel_items, or by the calling thread alone (serial).
-// Each worker's non-temporal stores (store_out) are ordered before the pass ends.
-template <typename MakeWorker>
-TC_INLINE void pass_items(bool serial, int64_t n, int64_t chunk, MakeWorker make) {
-  const auto fenced = [&] {
-    return [w = make()](int64_t lo, int64_t hi) mutable {
-      w(lo, hi);
-      stream_fence();
-    };
-  };
-  if (!serial) return parallel_items(n, chunk, fenced);
-  if (n > 0) fenced()(0, n);
+// One worker's buffers: the window's corner source ((Ci + C) floats a pixel, then a pixel of
+// zeros) and d q_tk (C floats a pixel), and the scratch of the passes.
+struct StripScratch {
+  std::unique_ptr<float[]> buf;
+  RowScratch R;
+  SourceScratch Sc;
+  std::vector<float> sb;     // softmax_backward_pixels' scratch
+  std::vector<int32_t> add;  // pixels_to_rows' add, per window column
+  StripScratch(int64_t floats, int64_t C, int64_t Ci, int64_t W)
+      : buf(new float[floats]), R(C, Ci), Sc(C, Ci), sb(2 * ((C + L - 1) / L) * L * L), add((W + L - 1) / L * L) {}
+};
+
+// The floats of StripScratch::buf for window V.
+template <typename S>
+TC_INLINE int64_t window_floats(const Ctx<S>& X, const Window& V) {
+  return (V.pixels() + 1) * (X.Ci + X.C) + (X.gptk ? V.pixels() * X.C : 0);
 }
 
-// The passes of batch item b, over its corner source buffer q ((Ci + C)(HW + 1) floats: img_tk
-// and q_tk per pixel, then a pixel of zeros that invalid corners read).
-// fused (backward): this thread alone runs them, and pass A scatters into d q_tk (no pass B).
+// Strip s of batch item b down the image in window V[s] (V: the item's windows), pass A chunk by
+// chunk: rows enter the window's corner source as the strip reaches them, and (backward) leave
+// it for d pred_tk's planar buffer, softmax backward applied to the strip's own part of d q_tk
+// (it is linear: the parts of overlapping strips add up), added where a strip of an earlier
+// phase (phase: s mod P) already wrote.
 template <typename S>
-void run_item(const Ctx<S>& X, const S* ptk, int64_t b, float* q, bool fused) {
-  const int64_t C = X.C, Ci = X.Ci, H = X.H, HW = X.HW;
+void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window* V, int64_t P, StripScratch& K) {
+  const int64_t C = X.C, Ci = X.Ci, H = X.H, W = X.W, HW = X.HW, x0 = s * kTile;
+  const Window& win = V[s];
+  const int64_t np = win.pixels();
+  float *q = K.buf.get(), *dq = q + (np + 1) * (Ci + C);
+  std::fill(q + np * (Ci + C), q + (np + 1) * (Ci + C), 0.f);
   // Without a scatter into d pred_tk, img_tk and q_tk are read in shared blocks (merged: one
   // gather fewer per pixel); with it, the blocks of q_tk alone, matching d q_tk's.
   const bool merged = !X.gptk;
-  const Channels A{q, Ci + C, 0, Ci + C, HW}, I{q, Ci + C, 0, Ci, HW};
-  const Channels Q = merged ? A : Channels{q, Ci + C, Ci, C, HW};
-  // d q_tk accumulates in d pred_tk's (zeroed) buffer, in blocks as Q's (pixel-major, or
-  // channel-blocked where pass B's threads scatter a block each); pass C then turns it into
-  // d pred_tk over Q (whose source is no longer needed) and transposes that to planar.
-  const Channels G{X.gptk ? X.gptk + b * C * HW : nullptr, fused ? C : 0, 0, C, HW};
-  const int64_t strips = (X.W + kTile - 1) / kTile;
+  const Channels A{q, Ci + C, 0, Ci + C}, I{q, Ci + C, 0, Ci};
+  const Channels Q = merged ? A : Channels{q, Ci + C, Ci, C}, G{dq, C, 0, C};
   const S* ptk_b = ptk + b * C * HW;
-  pass_items(fused, H, 8, [&] {
-    return [&, Sc = std::make_unique<SourceScratch>(C, Ci)](int64_t lo, int64_t hi) {
-      corner_source_rows<S>(X, ptk_b, A, X.itk + b * Ci * HW, lo, hi, *Sc);
-    };
-  });
-  pass_items(fused, strips * H, 8, [&] {
-    return [&, R = std::make_unique<RowScratch>(C, Ci)](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t y = i % H, x0 = i / H * kTile;
-        if (i == lo) chunk_taps_at(X, b, y, x0, *R->t);
-        if (i + 1 < hi) {  // the next chunk's taps, and its corners on their way
-          const int64_t x1 = (i + 1) / H * kTile, n1 = std::min(kTile, X.W - x1);
-          chunk_taps_at(X, b, (i + 1) % H, x1, *R->next);
-          prefetch_chunk(q, A.stride, R->next->oq, 1, n1);
-          if (fused && G.q) prefetch_chunk(G.q, G.stride, R->next->pix, G.stride, n1);
-        }
-        if (X.grads) pass_a_chunk<S, true>(X, Q, I, fused && G.q ? &G : nullptr, b, y, x0, *R);
-        else pass_a_chunk<S, false>(X, Q, I, nullptr, b, y, x0, *R);
-        std::swap(R->t, R->next);
-      }
-    };
-  });
-  if (!X.gptk) return;
-  if (!fused)
-    parallel_items(Q.blocks(), 1, [&] {
-      return [&, S_ = std::make_unique<BlockScratch>()](int64_t lo, int64_t hi) {
-        for (int64_t g = lo; g < hi; ++g) pass_b_block<S>(X, Q, G, b, g, *S_);
-      };
-    });
-  const int64_t span = 64 * kTile;
-  pass_items(fused, (HW + span - 1) / span, 1, [&] {
-    return [&, sc = std::vector<float>(2 * Q.blocks() * L * L)](int64_t lo, int64_t hi) mutable {
-      softmax_backward_pixels(Q, G, X.on_prob, lo * span, std::min(HW, hi * span), sc.data(), sc.data() + Q.blocks() * L * L);
-    };
-  });
-  pass_items(fused, (HW + span - 1) / span, 1, [&] {
-    return [&](int64_t lo, int64_t hi) { pixels_to_rows(Q, G.q, HW, lo * span, std::min(HW, hi * span)); };
-  });
+  const float* itk_b = X.itk + b * Ci * HW;
+  float* dptk = X.gptk ? X.gptk + b * C * HW + win.c0 : nullptr;
+  if (dptk)
+    for (int64_t j = 0; j < win.w; ++j) {
+      const int64_t c = win.c0 + j;
+      K.add[j] = 0;
+      for (int64_t t = 0; t * kTile < W; ++t) K.add[j] |= t % P < s % P && c >= V[t].c0 && c < V[t].c0 + V[t].w;
+    }
+  RowScratch& R = K.R;
+  int64_t entered = 0, left = 0;
+  const auto leave_until = [&](int64_t r1) {
+    for (; left < r1; ++left) {
+      if (!dptk) continue;
+      const int64_t p = win.at(left);
+      softmax_backward_pixels(Q, G, X.on_prob, p, p + win.w, K.sb.data(), K.sb.data() + K.sb.size() / 2);
+      pixels_to_rows(Q, p, win.w, dptk + left * W, HW, K.add.data());
+    }
+  };
+  chunk_taps_at(X, b, 0, x0, win, *R.t);
+  for (int64_t y = 0; y < H; ++y) {
+    leave_until(y + win.lo);
+    for (; entered <= std::min(H - 1, y + win.hi); ++entered) {
+      const int64_t p = win.at(entered);
+      source_row<S>(X, ptk_b, itk_b, entered, win.c0, win.c0 + win.w, A, p, K.Sc);
+      if (dptk) std::fill(dq + p * C, dq + (p + win.w) * C, 0.f);
+    }
+    if (y + 1 < H) {  // the next row's taps, and its corners on their way
+      chunk_taps_at(X, b, y + 1, x0, win, *R.next);
+      prefetch_chunk(q, A.stride, R.next->oq, 1, std::min(kTile, W - x0));
+      if (dptk) prefetch_chunk(dq, C, R.next->pix, C, std::min(kTile, W - x0));
+    }
+    if (X.grads) pass_a_chunk<S, true>(X, Q, I, dptk ? &G : nullptr, b, y, x0, R);
+    else pass_a_chunk<S, false>(X, Q, I, nullptr, b, y, x0, R);
+    std::swap(R.t, R.next);
+  }
+  leave_until(H);
 }
 
-// One batch item at a time, each pass in parallel; or, fused, one batch item per thread, each
-// with its own corner source buffer.
+// Every strip of every batch item, each worker with a window buffer of its own. The backward's
+// strips of one batch item run in phases: those of phase p (s mod P = p, P the least number for
+// which no two strips of a phase share a window column) in parallel, then the next phase; so the
+// additions into each pixel of d pred_tk come in the same order for any number of threads.
 template <typename S>
 void run(const Ctx<S>& X, const S* ptk) {
-  if (!X.fused) {
-    for (int64_t b = 0; b < X.B; ++b) run_item(X, ptk, b, X.q, false);
-    return;
-  }
-  std::atomic<int64_t> slot{0};  // each worker its own buffer (run_rows allocates one per worker
-                                 // parallel_items can make: min(threads, B))
-  parallel_items(X.B, 1, [&] {
-    return [&, q = X.q + slot.fetch_add(1) * X.q_size](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) run_item(X, ptk, b, q, true);
+  const int64_t strips = (X.W + kTile - 1) / kTile, units = X.B * strips;
+  std::vector<Window> V(units);
+  parallel_items(units, 1, [&] {
+    return [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) V[u] = strip_window(X, u / strips, u % strips * kTile);
     };
   });
+  std::vector<int64_t> P(X.B, 1);
+  int64_t phases = 1, floats = 0;
+  for (int64_t b = 0; b < X.B; ++b) {
+    const Window* v = V.data() + b * strips;
+    const auto overlap = [&](int64_t s, int64_t t) { return v[s].c0 < v[t].c0 + v[t].w && v[t].c0 < v[s].c0 + v[s].w; };
+    for (bool clash = X.gptk != nullptr; clash; P[b] += clash) {
+      clash = false;
+      for (int64_t s = 0; s < strips; ++s)
+        for (int64_t t = s + P[b]; t < strips; t += P[b]) clash |= overlap(s, t);
+    }
+    phases = std::max(phases, P[b]);
+    for (int64_t s = 0; s < strips; ++s) floats = std::max(floats, window_floats(X, v[s]));
+  }
+  std::vector<int64_t> order;
+  for (int64_t p = 0; p < phases; ++p) {
+    order.clear();
+    for (int64_t u = 0; u < units; ++u)
+      if (u % strips % P[u / strips] == p && (p < P[u / strips])) order.push_back(u);
+    parallel_items(static_cast<int64_t>(order.size()), 1, [&] {
+      return [&, K = std::make_unique<StripScratch>(floats, X.C, X.Ci, X.W)](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i)
+          run_strip(X, ptk, order[i] / strips, order[i] % strips, V.data() + order[i] / strips * strips,
+                    P[order[i] / strips], *K);
+        stream_fence();
+      };
+    });
+  }
 }
 
 void run_f32(const Ctx<float>& X, const float* ptk) { run<float>(X, ptk); }
