@@ -441,13 +441,13 @@ def needs_cpp():
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_gradients_are_deterministic(dtype, batch):
-    """The CPU kernels scatter without atomics, in a fixed pixel order: bitwise repeatable, and
-    the same bits with 1 and 2 threads. float32 scatters in pass A with one thread per batch
-    item where it can (1 thread; B = 3 with 2), else in pass B with one thread per block of
-    channels (B = 1 with 2 threads): both orders must give the same bits. float64: one thread
-    per batch item."""
+    """The CPU kernels scatter without atomics, in a fixed order: bitwise repeatable, and the
+    same bits with 1 and 2 threads. float32: strips of 128 columns, those of one batch item in
+    phases whose corner windows are disjoint (here 3 strips, neighbours overlapping), with 2
+    threads running the strips of a phase (B = 1) or of several batch items (B = 3) at once.
+    float64: one thread per batch item."""
     needs_cpp()
-    inputs = make_inputs(batch, 19, 33, 40, dtype=dtype, flow_scale=6.0, seed=21)  # 2 blocks of channels at AVX-512
+    inputs = make_inputs(batch, 19, 33, 300, dtype=dtype, flow_scale=6.0, seed=21)  # 2 blocks of channels at AVX-512
     first = run("cpp", inputs)
     threads = torch.get_num_threads()
     try:
@@ -459,6 +459,53 @@ def test_cpp_gradients_are_deterministic(dtype, batch):
                 assert torch.equal(a, b)
     finally:
         torch.set_num_threads(threads)
+
+
+def _flows(B, H, W, g):
+    """Flows that give the CPU kernel's strips (128 columns) windows of every kind."""
+    small = torch.randn(B, 2, H, W, generator=g, dtype=torch.float64) * 2
+    far = small.clone()
+    far[:, :, H // 2, 140] = torch.tensor([-139.5, 0.25], dtype=torch.float64)  # one pixel reaching the other edge
+    down = torch.full((B, 2, H, W), 0.25, dtype=torch.float64)  # (no integer sample points: one-sided derivatives)
+    down[:, 1] = torch.linspace(-H - 3, H + 3, W, dtype=torch.float64) + 0.1  # rows above and below, none aside
+    wild = small.clone()
+    wild[:, :, ::3] = torch.randn(B, 2, (H + 2) // 3, W, generator=g, dtype=torch.float64) * 400
+    wild[0, 0, 1, ::7] = float("nan")
+    wild[0, 1, 2, ::5] = float("inf")
+    return dict(small=small, far=far, down=down, wild=wild)
+
+
+@pytest.mark.parametrize("flow", ["small", "far", "down", "wild"])
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_cpp_corner_windows(flow, padding):
+    """Each strip of the float kernel reads its corners from (and scatters d pred_tk into) a
+    window of the rows and columns its flow reaches: windows of a few columns more than the strip
+    (small), one stretched across the image by a single pixel (far), a tall one (down), and ones
+    as large as the image next to non-finite flows (wild); against the float64 reference, with
+    1 and 2 threads alike."""
+    needs_cpp()
+    B, C, H, W = 2, 19, 11, 300
+    pt, ptk, _, it, itk = make_inputs(B, C, H, W, dtype=torch.float32, seed=5)
+    fl = _flows(B, H, W, torch.Generator().manual_seed(6))[flow].float()
+    inputs = (pt, ptk, fl, it, itk)
+    kw = dict(padding=padding, reduction="sum")
+    loss, grads = run("cpp", inputs, **kw)
+    rloss, rgrads = ref64(inputs, **kw)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(loss.double(), rloss, atol=atol, rtol=rtol, equal_nan=True)  # NaN where a flow is
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g.double(), rg, atol=atol, rtol=rtol)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run("cpp", inputs, **kw)
+        torch.set_num_threads(2)
+        two = run("cpp", inputs, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) or (one[0].isnan() and two[0].isnan())
+    for a, b in zip(one[1], two[1]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
