@@ -141,7 +141,7 @@ TC_INLINE void chunk_taps_at(const Ctx<S>& X, int64_t b, int64_t y, int64_t x0, 
 // read (the same sample points as chunk_taps), and the strip itself.
 template <typename S>
 Window strip_window(const Ctx<S>& X, int64_t b, int64_t x0) {
-  const int64_t n = std::min(kTile, X.W - x0);
+  const int64_t n = std::min(kStrip, X.W - x0);
   constexpr int32_t kBig = std::numeric_limits<int32_t>::max();
   vi xlo = splati(kBig), xhi = splati(-kBig), ylo = splati(kBig), yhi = splati(-kBig);
   for (int64_t y = 0; y < X.H; ++y) {
@@ -335,6 +335,10 @@ struct SourceScratch {
 template <typename S>
 TC_INLINE void source_row(const Ctx<S>& X, const S* ptk, const float* itk, int64_t y, int64_t c0, int64_t c1,
                           const Channels& A, int64_t p, SourceScratch& Sc) {
+  if (y + 1 < X.H) {  // the row after, which the strip reads next
+    prefetch_planes(ptk + (y + 1) * X.W + c0, X.C, X.HW, c1 - c0);
+    prefetch_planes(itk + (y + 1) * X.W + c0, X.Ci, X.HW, c1 - c0);
+  }
   for (int64_t x0 = c0; x0 < c1; x0 += kTile) {
     const int64_t n = std::min(kTile, c1 - x0), pix0 = y * X.W + x0;
     for (int64_t ci = 0; ci < X.Ci; ++ci) std::memcpy(Sc.q.data() + ci * kTile, itk + ci * X.HW + pix0, n * sizeof(float));
@@ -551,7 +555,7 @@ TC_INLINE int64_t window_floats(const Ctx<S>& X, const Window& V) {
 // phase (phase: s mod P) already wrote.
 template <typename S>
 void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window* V, int64_t P, StripScratch& K) {
-  const int64_t C = X.C, Ci = X.Ci, H = X.H, W = X.W, HW = X.HW, x0 = s * kTile;
+  const int64_t C = X.C, Ci = X.Ci, H = X.H, W = X.W, HW = X.HW, x0 = s * kStrip;
   const Window& win = V[s];
   const int64_t np = win.pixels();
   float *q = K.buf.get(), *dq = q + (np + 1) * (Ci + C);
@@ -568,7 +572,7 @@ void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window
     for (int64_t j = 0; j < win.w; ++j) {
       const int64_t c = win.c0 + j;
       K.add[j] = 0;
-      for (int64_t t = 0; t * kTile < W; ++t) K.add[j] |= t % P < s % P && c >= V[t].c0 && c < V[t].c0 + V[t].w;
+      for (int64_t t = 0; t * kStrip < W; ++t) K.add[j] |= t % P < s % P && c >= V[t].c0 && c < V[t].c0 + V[t].w;
     }
   RowScratch& R = K.R;
   int64_t entered = 0, left = 0;
@@ -580,21 +584,26 @@ void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window
       pixels_to_rows(Q, p, win.w, dptk + left * W, HW, K.add.data());
     }
   };
+  const int64_t per_row = (std::min(W - x0, kStrip) + kTile - 1) / kTile;  // chunks
   chunk_taps_at(X, b, 0, x0, win, *R.t);
-  for (int64_t y = 0; y < H; ++y) {
-    leave_until(y + win.lo);
-    for (; entered <= std::min(H - 1, y + win.hi); ++entered) {
-      const int64_t p = win.at(entered);
-      source_row<S>(X, ptk_b, itk_b, entered, win.c0, win.c0 + win.w, A, p, K.Sc);
-      if (dptk) std::fill(dq + p * C, dq + (p + win.w) * C, 0.f);
+  for (int64_t i = 0; i < H * per_row; ++i) {
+    const int64_t y = i / per_row, xc = x0 + i % per_row * kTile;
+    if (xc == x0) {
+      leave_until(y + win.lo);
+      for (; entered <= std::min(H - 1, y + win.hi); ++entered) {
+        const int64_t p = win.at(entered);
+        source_row<S>(X, ptk_b, itk_b, entered, win.c0, win.c0 + win.w, A, p, K.Sc);
+        if (dptk) std::fill(dq + p * C, dq + (p + win.w) * C, 0.f);
+      }
     }
-    if (y + 1 < H) {  // the next row's taps, and its corners on their way
-      chunk_taps_at(X, b, y + 1, x0, win, *R.next);
-      prefetch_chunk(q, A.stride, R.next->oq, 1, std::min(kTile, W - x0));
-      if (dptk) prefetch_chunk(dq, C, R.next->pix, C, std::min(kTile, W - x0));
+    if (i + 1 < H * per_row) {  // the next chunk's taps, and its corners on their way
+      const int64_t y1 = (i + 1) / per_row, x1 = x0 + (i + 1) % per_row * kTile, n1 = std::min(kTile, W - x1);
+      chunk_taps_at(X, b, y1, x1, win, *R.next);
+      prefetch_chunk(q, A.stride, R.next->oq, 1, n1);
+      if (dptk) prefetch_chunk(dq, C, R.next->pix, C, n1);
     }
-    if (X.grads) pass_a_chunk<S, true>(X, Q, I, dptk ? &G : nullptr, b, y, x0, R);
-    else pass_a_chunk<S, false>(X, Q, I, nullptr, b, y, x0, R);
+    if (X.grads) pass_a_chunk<S, true>(X, Q, I, dptk ? &G : nullptr, b, y, xc, R);
+    else pass_a_chunk<S, false>(X, Q, I, nullptr, b, y, xc, R);
     std::swap(R.t, R.next);
   }
   leave_until(H);
@@ -606,11 +615,11 @@ void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window
 // additions into each pixel of d pred_tk come in the same order for any number of threads.
 template <typename S>
 void run(const Ctx<S>& X, const S* ptk) {
-  const int64_t strips = (X.W + kTile - 1) / kTile, units = X.B * strips;
+  const int64_t strips = (X.W + kStrip - 1) / kStrip, units = X.B * strips;
   std::vector<Window> V(units);
   parallel_items(units, 1, [&] {
     return [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) V[u] = strip_window(X, u / strips, u % strips * kTile);
+      for (int64_t u = lo; u < hi; ++u) V[u] = strip_window(X, u / strips, u % strips * kStrip);
     };
   });
   std::vector<int64_t> P(X.B, 1);
