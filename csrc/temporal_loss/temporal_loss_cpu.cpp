@@ -5,27 +5,26 @@
 // formulas with explicit SIMD (temporal_loss_simd.h, compiled for AVX-512, AVX2 and the
 // baseline and picked at run time): per-pixel and per-channel work runs along x over chunks of
 // kTile pixels, channel plane by channel plane, while the bilinear corners are read from (and
-// the gradient scattered into) a pixel-major copy (each pixel's channels contiguous), one vector
-// per corner and block of L channels instead of one gather element per channel. One batch item
-// at a time, in parallel regions that hand out work items from a shared counter (a thread
-// slowed by another process takes fewer items instead of stalling the region):
+// the gradient scattered into) pixel-major rows (each pixel's channels contiguous), one vector
+// per corner and block of L channels instead of one gather element per channel.
 //
-//  0. rows: img_tk and the corner source q_tk = softmax_C(pred_tk) (on="logit": pred_tk as
-//     float), written pixel-major into one buffer of (Ci + C)(H W + 1) floats; without a scatter
-//     into d pred_tk (the forward, detach_target) read as Ci + C channels in shared blocks (one
-//     gather fewer).
-//  A. chunks down kTile-wide strips (the corners a random flow reaches stay in L2): taps,
-//     occlusion weight V^p, q_t, the warped corners and their flow derivatives (transposed
-//     to planar), then the channel loop: loss, d flow, d pred_t, and per-pixel state for pass B.
-//  B. blocks of channels, backward only: d q_tk = sum of w_k (-dq) scattered into d pred_tk's
-//     own buffer (channel-blocked: each thread writes its own lines) in a fixed pixel order: no
-//     atomics, and the same bits for any number of threads. Where every thread can own whole
-//     batch items (one thread, or B at least the thread count) pass A scatters instead (into
-//     that buffer pixel-major), in the same pixel order, and pass B (its second gather of the
-//     corners) is skipped: each thread runs all passes of its batch items, each with a corner
-//     source of its own.
-//  C. pixels: d pred_tk = q (d q - <q, d q>) pixel-major, over the corner source, then transposed
-//     into d pred_tk's buffer.
+// The image is cut into strips of kStrip columns, each run down the image by one thread (work
+// items handed out from a shared counter, so a thread slowed by another process takes fewer).
+// A strip's corners come from a window of the rows and columns its flow reaches (strip_window,
+// from the flow before anything else): a ring of pixel-major rows of img_tk and q_tk =
+// softmax_C(pred_tk) (on="logit": pred_tk as float), and in the backward of d q_tk: a few MiB
+// per thread for flows of tens of pixels at any image size (it grows with the flow's reach, up to
+// the whole image), mostly in the caches, instead of copies of whole images. Per row of a strip:
+//  - rows the strip now reaches enter the window (softmax and transpose of pred_tk's rows);
+//  - pass A over the row's chunks: taps, occlusion weight V^p, q_t, the warped corners and their
+//    flow derivatives (transposed to planar), the channel loop (loss, d flow, d pred_t), and in
+//    the backward d q_tk = sum of w_k (-dq) scattered into the window in pixel order;
+//  - rows no later row reaches leave it (backward): d pred_tk = q (d q - <q, d q>) of the
+//    strip's part of d q_tk (the softmax backward is linear, so the parts of strips whose
+//    windows overlap add up), transposed into d pred_tk's planar rows.
+// The backward's strips of a batch item run in phases, the windows of one phase disjoint: no
+// atomics, and each pixel of d pred_tk receives its parts in the same order for any number of
+// threads (the same bits).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -96,9 +95,9 @@ void run_isa(const Ctx<at::Half>& X, const at::Half* ptk) { TC_ISA_CALL(run_f16,
 void run_isa(const Ctx<at::BFloat16>& X, const at::BFloat16* ptk) { TC_ISA_CALL(run_bf16, X, ptk) }
 
 // Asks for transparent huge pages on a fresh buffer's whole 2 MiB pages, before it is first
-// touched: the pixel-major copies are read at random corners (4 KiB pages then cost a TLB miss per
-// corner row) and are allocated anew by every call (one page fault per 4 KiB otherwise). A
-// hint only: ignored where THP is off.
+// touched: the per-pixel path scatters into d pred_tk at random corners (4 KiB pages then cost a
+// TLB miss per corner row), allocated anew by every call (one page fault per 4 KiB otherwise).
+// A hint only: ignored where THP is off.
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
@@ -215,8 +214,8 @@ void run_cpu(TLTensors& T) {
     if constexpr (std::is_same_v<scalar_t, double>) {
       run_per_pixel<scalar_t, acc_t>(T);
     } else {
-      // int32 offsets into one batch item's pixel-major buffers ((C + Ci)(H W + 1) floats);
-      // larger images take the per-pixel path
+      // int32 offsets into a strip's window (at most (C + Ci)(H W + 1) floats); larger images
+      // take the per-pixel path
       if ((T.P.C + T.P.Ci) * (T.P.H * T.P.W + 1) < (int64_t(1) << 31)) run_rows<scalar_t>(T);
       else run_per_pixel<scalar_t, acc_t>(T);
     }

@@ -86,7 +86,7 @@ inline TLTensors tl_prepare(const at::Tensor& pred_t, const at::Tensor& pred_tk,
   T.itk = tl_saturate_to(img_tk, acc).contiguous();
   auto opts = pred_t.options().dtype(acc);
   if (g_pt) T.g_pt = at::empty_like(T.pt);
-  // zeroed here, or on the CPU by its run_kernels (after asking for huge pages: temporal_loss_cpu.cpp)
+  // zeroed here; on the CPU the SIMD path writes every element and the per-pixel one zeroes it
   if (g_ptk) T.g_ptk_acc = pred_tk.is_cpu() ? at::empty(pred_tk.sizes(), opts) : at::zeros(pred_tk.sizes(), opts);
   if (g_flow) T.g_flow = at::empty({B, 2, H, W}, opts);
   return T;

@@ -5,8 +5,8 @@
 // Formulas: temporal_loss.h (tl_channel_accumulate, tl_channel_grads) and
 // common/host_device.h (bilinear_taps), the per-pixel code the CUDA kernel and the float64 path
 // run; here every loop runs along x over a chunk of kTile pixels of one row, channel plane by
-// channel plane, except the four-corner fetch, which reads the corner source in a
-// pixel-major layout (see Channels).
+// channel plane, except the four-corner fetch, which reads a strip's window of the corner
+// source in a pixel-major layout (see Channels and Window).
 
 static_assert(kTile % L == 0, "a chunk is a whole number of vectors");
 
@@ -34,7 +34,7 @@ struct Channels {
   TC_INLINE float* block(int64_t g) const { return q + lo(g); }
 };
 
-// The part of batch item b's corner source (and of d q_tk) one strip of kTile columns reaches,
+// The part of batch item b's corner source (and of d q_tk) one strip of kStrip columns reaches,
 // as it runs down the image: columns [c0, c0 + w) of rows y + lo .. y + hi while pass A is at
 // row y (lo <= 0 <= hi; every corner a pixel of the strip reads, found by strip_window), held
 // in R rows of w pixels (R = hi - lo + 1, or H if fewer): row r in ring row r mod R. Rows enter
@@ -175,10 +175,9 @@ TC_INLINE void prefetch_corners(const float* q, const Taps& t, int64_t n) {
     for (int k = 0; k < 4; ++k) __builtin_prefetch(q + t.oq[k][j]);
 }
 // Every corner of a chunk, prefetched a whole chunk before its use: a random flow's corners reach
-// lines no earlier chunk touched (L3 or DRAM latency, which a few pixels of prefetch distance do
-// not hide). A buffer of `stride` floats a pixel (pixel-major, or one block of a channel-blocked
-// one; corner k at q + off[k] * scale): corners 0 and 1 (and 2 and 3) are neighbours, 2 * stride
-// floats from corner 0 (2).
+// lines no earlier chunk touched (L2 or L3 latency, which a few pixels of prefetch distance do
+// not hide). A pixel-major buffer of `stride` floats a pixel (corner k at q + off[k] * scale):
+// corners 0 and 1 (and 2 and 3) are neighbours, 2 * stride floats from corner 0 (2).
 TC_INLINE void prefetch_chunk(const float* q, int64_t stride, const int32_t (&off)[4][kTile], int64_t scale,
                               int64_t n) {
   const int64_t last = 2 * stride * int64_t(sizeof(float)) - 1;
@@ -189,15 +188,15 @@ TC_INLINE void prefetch_chunk(const float* q, int64_t stride, const int32_t (&of
       __builtin_prefetch(p + last);
     }
 }
-// The fused multiply-adds are explicit: the scatter's dq, from pass A (fused) or pass B, must have
-// the same bits, and the compiler contracts a sum of products differently in different places.
+// The fused multiply-adds are explicit: the compiler contracts a sum of products differently in
+// different places, and the warped value (so the scatter's dq) must not depend on where.
 TC_INLINE vf blend(const float* wk, int64_t j, const vf c[4]) {
   return vfma(splat(wk[3 * kTile + j]), c[3],
               vfma(splat(wk[2 * kTile + j]), c[2], vfma(splat(wk[kTile + j]), c[1], wk[j] * c[0])));
 }
 
 // The backward's scatter of pixel j: w_k (-dq) added into the four corners of d q_tk (G: block g
-// of d pred_tk's buffer, w channels), with those of pixel j + kAhead prefetched. Pixels without
+// of the window's, w channels), with those of pixel j + kAhead prefetched. Pixels without
 // gradient (k2 = 0) and corners of zero weight (outside the image included; an invalid corner's
 // pixel is never used) add nothing: not 0 * a possibly infinite dq.
 TC_INLINE void scatter_corners(const Channels& G, int64_t g, int w, const Taps& t, int64_t j, int64_t n, float k2,
@@ -222,8 +221,7 @@ TC_INLINE void pixel_lanes(const float* rows, int w, int64_t j0, vf out[L]) {
   transpose(out);
 }
 
-// The fused backward's scatter inside pass A (one thread owns the batch item, so its pixels
-// scatter in the order pass B would: the same bits): d q_tk (blocks as Q's), and the chunk's
+// The backward's scatter inside pass A: d q_tk (the window's, blocks as Q's), and the chunk's
 // planar q_t rows and 2 g V^p.
 struct ChunkScatter {
   const Channels* G;
@@ -279,7 +277,7 @@ TC_INLINE void rows_to_pixels(const float* src, int64_t ss, int w, int64_t n, fl
   }
 }
 
-// --- pass 0: the corner source, pixel-major ------------------------------------------------------
+// --- the corner source's rows, pixel-major ---------------------------------------------------------
 
 // Channel statistics of a chunk of n pixels, plane by plane (each plane's run is contiguous; the
 // per-pixel arrays stay in L1): mo = the max, so = sum_c exp(z_c - max), and, when dst is
@@ -411,10 +409,9 @@ TC_INLINE void chunk_accumulate(const Ctx<S>& X, int64_t n, const float* warped,
   }
 }
 
-// Pixels [x0, x0 + kTile) of row y, with the chunk's taps in R.t. Chunks run down kTile-wide
-// strips of the image (see run), so that the corners a random flow reaches stay in the L2 cache
-// from one chunk to the next. Backward (kGrads): d flow, d pred_t = q_t (dq - <q_t, dq>) (or dq),
-// and, given d q_tk (G; fused: this thread owns the batch item), the scatter.
+// Pixels [x0, x0 + kTile) of row y, with the chunk's taps in R.t and its corners in the strip's
+// window (Q, I; see run_strip). Backward (kGrads): d flow, d pred_t = q_t (dq - <q_t, dq>) (or
+// dq), and, given the window's d q_tk (G), the scatter.
 template <typename S, bool kGrads>
 TC_INLINE void pass_a_chunk(const Ctx<S>& X, const Channels& Q, const Channels& I, const Channels* G, int64_t b, int64_t y,
                             int64_t x0, RowScratch& R) {
