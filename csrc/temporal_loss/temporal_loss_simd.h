@@ -34,14 +34,14 @@ struct Channels {
   TC_INLINE float* block(int64_t g) const { return q + lo(g); }
 };
 
-// The part of batch item b's corner source (and of d q_tk) one strip of kStrip columns reaches,
-// as it runs down the image: columns [c0, c0 + w) of rows y + lo .. y + hi while pass A is at
-// row y (lo <= 0 <= hi; every corner a pixel of the strip reads, found by strip_window), held
-// in R rows of w pixels (R = hi - lo + 1, or H if fewer): row r in ring row r mod R. Rows enter
+// The part of batch item b's corner source (and of d q_tk) that the strip of columns
+// [x0, x0 + n) reaches as it runs down the image: columns [c0, c0 + w) of rows y + lo .. y + hi
+// while pass A is at row y (lo <= 0 <= hi; every corner a pixel of the strip reads, found by
+// strip_window), held in R rows of w pixels (R = hi - lo + 1, or H if fewer): row r in ring row r mod R. Rows enter
 // as the strip moves down and leave (d q_tk: flushed into d pred_tk) once no later row reaches
 // them; a pixel of zeros after the R w pixels is what invalid corners read.
 struct Window {
-  int64_t c0, w, lo, hi, R;
+  int64_t x0, n, c0, w, lo, hi, R;
   TC_INLINE int64_t pixels() const { return R * w; }
   TC_INLINE int64_t at(int64_t r) const { return r % R * w; }  // the first pixel of row r
 };
@@ -137,11 +137,10 @@ TC_INLINE void chunk_taps_at(const Ctx<S>& X, int64_t b, int64_t y, int64_t x0, 
              X.W, X.zeros_pad, V, static_cast<int32_t>(X.C + X.Ci), t);
 }
 
-// The window of the strip of columns [x0, x0 + kTile) of batch item b: every corner its pixels
-// read (the same sample points as chunk_taps), and the strip itself.
+// The window of the strip of columns [x0, x0 + n) of batch item b: every corner its pixels read
+// (the same sample points as chunk_taps), and the strip itself.
 template <typename S>
-Window strip_window(const Ctx<S>& X, int64_t b, int64_t x0) {
-  const int64_t n = std::min(kStrip, X.W - x0);
+Window strip_window(const Ctx<S>& X, int64_t b, int64_t x0, int64_t n) {
   constexpr int32_t kBig = std::numeric_limits<int32_t>::max();
   vi xlo = splati(kBig), xhi = splati(-kBig), ylo = splati(kBig), yhi = splati(-kBig);
   for (int64_t y = 0; y < X.H; ++y) {
@@ -159,7 +158,7 @@ Window strip_window(const Ctx<S>& X, int64_t b, int64_t x0) {
     if (xlo[l] <= xhi[l]) c0 = std::min<int64_t>(c0, std::max<int64_t>(0, xlo[l])), c1 = std::max<int64_t>(c1, std::min<int64_t>(X.W, xhi[l] + 2));
     if (ylo[l] <= yhi[l]) lo = std::min<int64_t>(lo, std::max<int64_t>(-X.H, ylo[l])), hi = std::max<int64_t>(hi, std::min<int64_t>(X.H, yhi[l] + 1));
   }
-  return Window{c0, c1 - c0, lo, hi, std::min(X.H, hi - lo + 1)};
+  return Window{x0, n, c0, c1 - c0, lo, hi, std::min(X.H, hi - lo + 1)};
 }
 
 // The four corners of pixel j in one block (q: the block's first channel, w channels), with
@@ -545,15 +544,16 @@ TC_INLINE int64_t window_floats(const Ctx<S>& X, const Window& V) {
   return (V.pixels() + 1) * (X.Ci + X.C) + (X.gptk ? V.pixels() * X.C : 0);
 }
 
-// Strip s of batch item b down the image in window V[s] (V: the item's windows), pass A chunk by
+// Strip s of batch item b down the image in window V[s] (V: the item's `strips` windows), pass A chunk by
 // chunk: rows enter the window's corner source as the strip reaches them, and (backward) leave
 // it for d pred_tk's planar buffer, softmax backward applied to the strip's own part of d q_tk
 // (it is linear: the parts of overlapping strips add up), added where a strip of an earlier
 // phase (phase: s mod P) already wrote.
 template <typename S>
-void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window* V, int64_t P, StripScratch& K) {
-  const int64_t C = X.C, Ci = X.Ci, H = X.H, W = X.W, HW = X.HW, x0 = s * kStrip;
+void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window* V, int64_t strips, int64_t P,
+               StripScratch& K) {
   const Window& win = V[s];
+  const int64_t C = X.C, Ci = X.Ci, H = X.H, W = X.W, HW = X.HW, x0 = win.x0;
   const int64_t np = win.pixels();
   float *q = K.buf.get(), *dq = q + (np + 1) * (Ci + C);
   std::fill(q + np * (Ci + C), q + (np + 1) * (Ci + C), 0.f);
@@ -569,7 +569,7 @@ void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window
     for (int64_t j = 0; j < win.w; ++j) {
       const int64_t c = win.c0 + j;
       K.add[j] = 0;
-      for (int64_t t = 0; t * kStrip < W; ++t) K.add[j] |= t % P < s % P && c >= V[t].c0 && c < V[t].c0 + V[t].w;
+      for (int64_t t = 0; t < strips; ++t) K.add[j] |= t % P < s % P && c >= V[t].c0 && c < V[t].c0 + V[t].w;
     }
   RowScratch& R = K.R;
   int64_t entered = 0, left = 0;
@@ -581,7 +581,7 @@ void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window
       pixels_to_rows(Q, p, win.w, dptk + left * W, HW, K.add.data());
     }
   };
-  const int64_t per_row = (std::min(W - x0, kStrip) + kTile - 1) / kTile;  // chunks
+  const int64_t per_row = (win.n + kTile - 1) / kTile;  // chunks
   chunk_taps_at(X, b, 0, x0, win, *R.t);
   for (int64_t i = 0; i < H * per_row; ++i) {
     const int64_t y = i / per_row, xc = x0 + i % per_row * kTile;
@@ -612,11 +612,20 @@ void run_strip(const Ctx<S>& X, const S* ptk, int64_t b, int64_t s, const Window
 // additions into each pixel of d pred_tk come in the same order for any number of threads.
 template <typename S>
 void run(const Ctx<S>& X, const S* ptk) {
-  const int64_t strips = (X.W + kStrip - 1) / kStrip, units = X.B * strips;
+  if (X.B * X.HW == 0) return;
+  // Strips of kStrip columns in the backward, whose d pred_tk sums follow them; the forward's
+  // (bits independent of the strips) as wide as leaves two per thread: fewer columns built twice
+  const int64_t chunks = (X.W + kTile - 1) / kTile;
+  const int64_t per_item = std::min(chunks, (2 * at::get_num_threads() + X.B - 1) / X.B);
+  const int64_t sw = X.gptk ? kStrip : (chunks + per_item - 1) / per_item * kTile;
+  const int64_t strips = (X.W + sw - 1) / sw, units = X.B * strips;
   std::vector<Window> V(units);
   parallel_items(units, 1, [&] {
     return [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) V[u] = strip_window(X, u / strips, u % strips * kStrip);
+      for (int64_t u = lo; u < hi; ++u) {
+        const int64_t x0 = u % strips * sw;
+        V[u] = strip_window(X, u / strips, x0, std::min(sw, X.W - x0));
+      }
     };
   });
   std::vector<int64_t> P(X.B, 1);
@@ -640,7 +649,7 @@ void run(const Ctx<S>& X, const S* ptk) {
     parallel_items(static_cast<int64_t>(order.size()), 1, [&] {
       return [&, K = std::make_unique<StripScratch>(floats, X.C, X.Ci, X.W)](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i)
-          run_strip(X, ptk, order[i] / strips, order[i] % strips, V.data() + order[i] / strips * strips,
+          run_strip(X, ptk, order[i] / strips, order[i] % strips, V.data() + order[i] / strips * strips, strips,
                     P[order[i] / strips], *K);
         stream_fence();
       };
