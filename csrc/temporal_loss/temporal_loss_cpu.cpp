@@ -8,8 +8,9 @@
 // the gradient scattered into) pixel-major rows (each pixel's channels contiguous), one vector
 // per corner and block of L channels instead of one gather element per channel.
 //
-// The image is cut into strips of kStrip columns, each run down the image by one thread (work
-// items handed out from a shared counter, so a thread slowed by another process takes fewer).
+// The image is cut into strips (kStrip columns in the backward; in the forward as wide as leaves
+// two per thread), each run down the image by one thread (work items handed out from a shared
+// counter, so a thread slowed by another process takes fewer).
 // A strip's corners come from a window of the rows and columns its flow reaches (strip_window,
 // from the flow before anything else): a ring of pixel-major rows of img_tk and q_tk =
 // softmax_C(pred_tk) (on="logit": pred_tk as float), and in the backward of d q_tk: a few MiB
