@@ -86,6 +86,21 @@ struct Ctx {
   float* gptk;  // (B,C,H,W) or null
 };
 
+// Asks for transparent huge pages on a fresh buffer's whole 2 MiB pages, before it is first
+// touched: corners read or scattered at random cost a TLB miss per corner row on 4 KiB pages,
+// and a buffer allocated anew by every call one page fault per 4 KiB. A hint only: ignored
+// where THP is off.
+void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr), e = p + bytes;
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = e & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)ptr, (void)bytes;
+#endif
+}
+
 // temporal_loss_simd.h once per instruction set (common/isa.h); run_isa() picks one at first use.
 #define TC_ISA_BODY "temporal_loss/temporal_loss_simd.h"
 #include "common/isa.h"
@@ -94,21 +109,6 @@ struct Ctx {
 void run_isa(const Ctx<float>& X, const float* ptk) { TC_ISA_CALL(run_f32, X, ptk) }
 void run_isa(const Ctx<at::Half>& X, const at::Half* ptk) { TC_ISA_CALL(run_f16, X, ptk) }
 void run_isa(const Ctx<at::BFloat16>& X, const at::BFloat16* ptk) { TC_ISA_CALL(run_bf16, X, ptk) }
-
-// Asks for transparent huge pages on a fresh buffer's whole 2 MiB pages, before it is first
-// touched: the per-pixel path scatters into d pred_tk at random corners (4 KiB pages then cost a
-// TLB miss per corner row), allocated anew by every call (one page fault per 4 KiB otherwise).
-// A hint only: ignored where THP is off.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), e = p + t.nbytes();
-  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = e & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 template <typename S>
 void run_rows(const TLTensors& T) {
@@ -183,7 +183,7 @@ void run_per_pixel(const TLTensors& T) {
   const TLParams& P = T.P;
   const int64_t HW = P.H * P.W, nrows = P.B * P.H;
   if (P.g_ptk) {  // scattered into at random corners: huge pages, then zeros
-    advise_huge_pages(T.g_ptk_acc);
+    advise_huge_pages(T.g_ptk_acc.data_ptr(), T.g_ptk_acc.nbytes());
     T.g_ptk_acc.zero_();
   }
   at::Tensor st_tk;
