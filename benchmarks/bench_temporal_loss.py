@@ -5,8 +5,7 @@ bandwidth of the device.
 
 On the CPU every case runs with 1 thread, 2 threads, and 2 threads beside a busy process (one
 core's worth of other work), forward+backward and forward alone (forward+backward's peak extra
-memory with 1 and with 2 threads: the cpp backward takes a buffer per thread where the batch
-allows), each row with its speed of light: the compulsory bytes of the call (inputs read once;
+memory with 1 and with 2 threads: the cpp kernel takes a window buffer per thread), each row with its speed of light: the compulsory bytes of the call (inputs read once;
 gradients written once) over this machine's copy bandwidth measured with the same thread count.
 
     pytest benchmarks/bench_temporal_loss.py --benchmark-json=out.json
@@ -106,7 +105,7 @@ def test_temporal_loss_cpu(benchmark, device_info, device, backend, shape, threa
         benchmark.extra_info["copy_bandwidth_GBps"] = cpu_copy_bandwidth() / 1e9
         if pass_ == "fwd+bwd":
             step = lambda: fwd_bwd(backend, inputs)  # noqa: E731
-            if not threads.endswith("busy"):  # the cpp backward takes a buffer per thread where B allows
+            if not threads.endswith("busy"):  # the cpp kernel takes a window buffer per thread
                 benchmark.extra_info["peak_extra_bytes"] = cpu_peak_extra("bench_temporal_loss", "cpu_rss_fwd_bwd",
                                                                           backend, list(shape), nthreads)
         else:
