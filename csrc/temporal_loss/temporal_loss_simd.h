@@ -660,7 +660,9 @@ void run(const Ctx<S>& X, const S* ptk) {
       if (u % strips % P[u / strips] == p && p < P[u / strips]) order.push_back(u);
     std::atomic<int64_t> slot{0};
     parallel_items(static_cast<int64_t>(order.size()), 1, [&] {
-      float* buf = pages.get() + slot.fetch_add(1) * floats;
+      const int64_t k = slot.fetch_add(1);
+      TORCH_CHECK(k < workers, "temporal_loss: more workers than window buffers");
+      float* buf = pages.get() + k * floats;
       return [&, K = std::make_unique<StripScratch>(buf, X.C, X.Ci, X.W)](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i)
           run_strip(X, ptk, order[i] / strips, order[i] % strips, V.data() + order[i] / strips * strips, strips,
