@@ -5,8 +5,9 @@ bandwidth of the device.
 
 On the CPU every case runs with 1 thread, 2 threads, and 2 threads beside a busy process (one
 core's worth of other work), forward+backward and forward alone (forward+backward's peak extra
-memory with 1 and with 2 threads: the cpp kernel takes a window buffer per thread), each row with its speed of light: the compulsory bytes of the call (inputs read once;
-gradients written once) over this machine's copy bandwidth measured with the same thread count.
+memory with 1 and with 2 threads: the cpp kernel takes a window buffer per thread), each row
+with its speed of light: the compulsory bytes of the call (inputs read once; gradients written
+once) over this machine's copy bandwidth measured with the same thread count.
 
     pytest benchmarks/bench_temporal_loss.py --benchmark-json=out.json
 """

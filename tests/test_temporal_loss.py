@@ -493,7 +493,8 @@ def test_cpp_corner_windows(flow, padding):
     loss, grads = run("cpp", inputs, **kw)
     rloss, rgrads = ref64(inputs, **kw)
     atol, rtol = TOL[torch.float32]
-    torch.testing.assert_close(loss.double(), rloss, atol=atol, rtol=rtol, equal_nan=True)  # wild: NaN, as the reference
+    # (wild: NaN, as the reference)
+    torch.testing.assert_close(loss.double(), rloss, atol=atol, rtol=rtol, equal_nan=True)
     for g, rg in zip(grads, rgrads):
         torch.testing.assert_close(g.double(), rg, atol=atol, rtol=rtol)
     threads = torch.get_num_threads()

@@ -37,9 +37,9 @@ struct Channels {
 // The part of batch item b's corner source (and of d q_tk) that the strip of columns
 // [x0, x0 + n) reaches as it runs down the image: columns [c0, c0 + w) of rows y + lo .. y + hi
 // while pass A is at row y (lo <= 0 <= hi; every corner a pixel of the strip reads, found by
-// strip_window), held in R rows of w pixels (R = hi - lo + 1, or H if fewer): row r in ring row r mod R. Rows enter
-// as the strip moves down and leave (d q_tk: flushed into d pred_tk) once no later row reaches
-// them; a pixel of zeros after the R w pixels is what invalid corners read.
+// strip_window), held in R rows of w pixels (R = hi - lo + 1, or H if fewer): row r in ring row
+// r mod R. Rows enter as the strip moves down and leave (d q_tk: flushed into d pred_tk) once
+// no later row reaches them; a pixel of zeros after the R w pixels is what invalid corners read.
 struct Window {
   int64_t x0, n, c0, w, lo, hi, R;
   TC_INLINE int64_t pixels() const { return R * w; }
@@ -155,8 +155,14 @@ Window strip_window(const Ctx<S>& X, int64_t b, int64_t x0, int64_t n) {
   }
   int64_t c0 = x0, c1 = x0 + n, lo = 0, hi = 0;  // the strip itself, and its own row
   for (int l = 0; l < L; ++l) {  // corners ix .. ix + 1, iy .. iy + 1, clipped to the image
-    if (xlo[l] <= xhi[l]) c0 = std::min<int64_t>(c0, std::max<int64_t>(0, xlo[l])), c1 = std::max<int64_t>(c1, std::min<int64_t>(X.W, xhi[l] + 2));
-    if (ylo[l] <= yhi[l]) lo = std::min<int64_t>(lo, std::max<int64_t>(-X.H, ylo[l])), hi = std::max<int64_t>(hi, std::min<int64_t>(X.H, yhi[l] + 1));
+    if (xlo[l] <= xhi[l]) {
+      c0 = std::min<int64_t>(c0, std::max<int64_t>(0, xlo[l]));
+      c1 = std::max<int64_t>(c1, std::min<int64_t>(X.W, xhi[l] + 2));
+    }
+    if (ylo[l] <= yhi[l]) {
+      lo = std::min<int64_t>(lo, std::max<int64_t>(-X.H, ylo[l]));
+      hi = std::max<int64_t>(hi, std::min<int64_t>(X.H, yhi[l] + 1));
+    }
   }
   return Window{x0, n, c0, c1 - c0, lo, hi, std::min(X.H, hi - lo + 1)};
 }
@@ -544,8 +550,8 @@ TC_INLINE int64_t window_floats(const Ctx<S>& X, const Window& V) {
   return (V.pixels() + 1) * (X.Ci + X.C) + (X.gptk ? V.pixels() * X.C : 0);
 }
 
-// Strip s of batch item b down the image in window V[s] (V: the item's `strips` windows), pass A chunk by
-// chunk: rows enter the window's corner source as the strip reaches them, and (backward) leave
+// Strip s of batch item b down the image in window V[s] (V: the item's `strips` windows), pass A
+// chunk by chunk: rows enter the window's corner source as the strip reaches them, and (backward) leave
 // it for d pred_tk's planar buffer, softmax backward applied to the strip's own part of d q_tk
 // (it is linear: the parts of overlapping strips add up), added where a strip of an earlier
 // phase (phase: s mod P) already wrote.
@@ -641,32 +647,28 @@ void run(const Ctx<S>& X, const S* ptk) {
     phases = std::max(phases, P[b]);
     for (int64_t s = 0; s < strips; ++s) floats = std::max(floats, window_floats(X, v[s]));
   }
-  // a window buffer per worker, the most parallel_items makes in a phase
+  // the units of each phase, and a window buffer per worker, the most parallel_items makes in one
+  std::vector<std::vector<int64_t>> order(phases);
+  for (int64_t u = 0; u < units; ++u) order[u % strips % P[u / strips]].push_back(u);
   int64_t workers = 0;
-  for (int64_t p = 0; p < phases; ++p) {
-    int64_t n = 0;
-    for (int64_t u = 0; u < units; ++u) n += u % strips % P[u / strips] == p && p < P[u / strips];
-    workers = std::max(workers, std::min<int64_t>(n, at::get_num_threads()));
-  }
+  for (const auto& units_p : order)
+    workers = std::max<int64_t>(workers, std::min<int64_t>(units_p.size(), at::get_num_threads()));
   // one allocation for them all: the next call's buffers (sized anew by its flow) then reuse its
   // memory, where per-worker ones stayed in malloc's per-thread arenas once freed and grew
   // resident memory by both (fwd+bwd 1x19x512x1024 with 2 threads: 90 MiB with 80 of gradients;
   // pages from the OS for each call cost ~10 % in page faults)
   const std::unique_ptr<float[]> pages(new float[std::max<int64_t>(workers * floats, 1)]);
-  std::vector<int64_t> order;
-  for (int64_t p = 0; p < phases; ++p) {
-    order.clear();
-    for (int64_t u = 0; u < units; ++u)
-      if (u % strips % P[u / strips] == p && p < P[u / strips]) order.push_back(u);
+  for (const auto& units_p : order) {
     std::atomic<int64_t> slot{0};
-    parallel_items(static_cast<int64_t>(order.size()), 1, [&] {
+    parallel_items(static_cast<int64_t>(units_p.size()), 1, [&] {
       const int64_t k = slot.fetch_add(1);
       TORCH_CHECK(k < workers, "temporal_loss: more workers than window buffers");
       float* buf = pages.get() + k * floats;
       return [&, K = std::make_unique<StripScratch>(buf, X.C, X.Ci, X.W)](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i)
-          run_strip(X, ptk, order[i] / strips, order[i] % strips, V.data() + order[i] / strips * strips, strips,
-                    P[order[i] / strips], *K);
+        for (int64_t i = lo; i < hi; ++i) {
+          const int64_t b = units_p[i] / strips;
+          run_strip(X, ptk, b, units_p[i] % strips, V.data() + b * strips, strips, P[b], *K);
+        }
         stream_fence();
       };
     });
